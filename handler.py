@@ -1,0 +1,44 @@
+"""RunPod serverless entry point: a thin shell around ``llm_worker.Worker``.
+
+``python handler.py`` runs ``test_input.json``; ``--test_input '<json>'`` runs that event;
+``--rp_serve_api`` starts the SDK's local API server. On RunPod it takes jobs from the queue,
+up to ``MAX_CONCURRENCY`` at once.
+"""
+
+import logging
+import os
+import sys
+
+import runpod
+
+from llm_worker.service import Worker, collect
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+worker = Worker.start()
+
+
+async def handler(job):
+    async for chunk in worker.handle(job["input"]):
+        yield chunk
+
+
+async def handler_collected(job):
+    """The SDK's local test mode prints a generator instead of running it: fold the stream here."""
+    return await collect(worker.handle(job["input"]))
+
+
+def local_test_mode() -> bool:
+    """The SDK runs one local test job when given --test_input or when not on RunPod (no job queue)."""
+    if "--rp_serve_api" in sys.argv:
+        return False
+    return "--test_input" in sys.argv or "RUNPOD_WEBHOOK_GET_JOB" not in os.environ
+
+
+if __name__ == "__main__":
+    runpod.serverless.start(
+        {
+            "handler": handler_collected if local_test_mode() else handler,
+            "concurrency_modifier": lambda current: worker.settings.max_concurrency,
+            "return_aggregate_stream": True,
+        }
+    )

@@ -1,0 +1,129 @@
+"""The job input: one typed, bounded pydantic model per part of the event.
+
+``parse_job_input`` is the only way in; its errors name the field and the rule broken.
+Limits that depend on the deployment (``MAX_NEW_TOKENS_LIMIT``, stop strings) come in through
+the validation context, so the schema itself stays free of global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from llm_worker.prompts import template_names
+
+
+class InputError(ValueError):
+    """The job input broke a rule; the message names the field and the rule."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 2048
+    max_stop_strings: int = 16
+    max_stop_chars: int = 200
+
+
+class PromptConfig(_Strict):
+    instruction: str = Field(min_length=1)
+    input: str = ""
+    template: str = "alpaca"
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in template_names():
+            raise ValueError(f"unknown template {value!r}; choose one of {', '.join(template_names())}")
+        return value
+
+
+class GenerationConfig(_Strict):
+    """Decoding settings. Sampling happens when ``do_sample`` is true, or when it is unset and
+    ``temperature`` > 0 (Alpaca-LoRA's generate.py silently ignored temperature; we don't)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    num_beams: int = Field(1, ge=1, le=8)
+    max_new_tokens: int = Field(128, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=64)
+    do_sample: bool | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _within_deployment_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_new_tokens
+        if value > limit:
+            raise ValueError(f"must be at most {limit} (MAX_NEW_TOKENS_LIMIT)")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop_strings(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limits = _limits(info)
+        if len(value) > limits.max_stop_strings:
+            raise ValueError(f"at most {limits.max_stop_strings} stop strings (MAX_STOP_STRINGS)")
+        for text in value:
+            if not 1 <= len(text) <= limits.max_stop_chars:
+                raise ValueError(f"each stop string must have 1 to {limits.max_stop_chars} characters (MAX_STOP_CHARS)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if self.sampling:
+            if self.temperature == 0:
+                raise ValueError("temperature must be > 0 when do_sample is true (or leave temperature unset)")
+        else:
+            ignored = [name for name in ("top_p", "top_k", "seed") if getattr(self, name) is not None]
+            if self.temperature:
+                ignored.insert(0, "temperature")
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} only apply when sampling, but do_sample is false")
+        return self
+
+    @property
+    def sampling(self) -> bool:
+        if self.do_sample is not None:
+            return self.do_sample
+        return bool(self.temperature)
+
+
+class JobInput(_Strict):
+    prompt_config: PromptConfig
+    generation_config: GenerationConfig = GenerationConfig()
+    stream: bool = False
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    return (info.context or {}).get("limits", Limits())
+
+
+def describe(error: ValidationError) -> str:
+    """One line per problem: ``field.path: rule``."""
+    parts = []
+    for item in error.errors(include_url=False):
+        location = ".".join(str(part) for part in item["loc"]) or "input"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}")
+    return "; ".join(parts)
+
+
+def parse_job_input(raw: Any, limits: Limits) -> JobInput:
+    if not isinstance(raw, dict):
+        raise InputError(f"input: must be a JSON object, got {type(raw).__name__}")
+    try:
+        return JobInput.model_validate(raw, context={"limits": limits})
+    except ValidationError as err:
+        raise InputError(describe(err)) from None
