@@ -5,6 +5,7 @@
 up to ``MAX_CONCURRENCY`` at once.
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from llm_worker.service import Worker, collect
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 worker = Worker.start()
+atexit.register(worker.close)  # stop the engine thread before the interpreter tears down
 
 
 async def handler(job):

@@ -1,0 +1,65 @@
+"""Shared, slow fixtures: one loaded model per dtype, adapters trained once per session."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm_worker.finetune import LoraTraining, train_lora
+from llm_worker.service import Worker
+from llm_worker.settings import Settings
+from model_cache import prepare_default_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"
+
+
+def seed_tasks(count: int, skip: int = 0) -> list[dict]:
+    """Real instructions from the Alpaca seed tasks, as job inputs' prompt_config."""
+    rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()[skip : skip + count]]
+    return [{"instruction": row["instruction"], "input": row["instances"][0]["input"]} for row in rows]
+
+
+def job(instruction: str, **generation) -> dict:
+    return {"prompt_config": {"instruction": instruction}, "generation_config": generation}
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    return prepare_default_model(Settings())
+
+
+@pytest.fixture(scope="session")
+def worker(base_model_dir):
+    """The default deployment: embedded model, DTYPE=auto."""
+    worker = Worker.start(Settings())
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def fp32_worker(base_model_dir):
+    worker = Worker.start(Settings(dtype="float32"))
+    yield worker
+    worker.close()
+
+
+def train_fixed_answer_adapter(base_model_dir: Path, folder: Path, answer: str) -> Path:
+    """A LoRA adapter that answers every instruction with ``answer``: its effect is checkable."""
+    examples = [{**task, "output": answer} for task in seed_tasks(16, skip=100)]
+    train_lora(base_model_dir, examples, folder, LoraTraining(steps=14, batch_size=2, learning_rate=3e-3))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pirate_adapter(base_model_dir, tmp_path_factory) -> Path:
+    return train_fixed_answer_adapter(
+        base_model_dir, tmp_path_factory.mktemp("adapters") / "pirate", "Ahoy matey! Arr, that be a fine question."
+    )
+
+
+@pytest.fixture(scope="session")
+def robot_adapter(base_model_dir, tmp_path_factory) -> Path:
+    return train_fixed_answer_adapter(
+        base_model_dir, tmp_path_factory.mktemp("adapters") / "robot", "Beep boop. I am a robot. Beep."
+    )

@@ -1,0 +1,104 @@
+"""Model loading: the converted default, LoRA weights, quantization, token repair, failures."""
+
+import time
+
+import pytest
+import torch
+from conftest import job
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llm_worker.loading import fix_special_tokens, resolve_dtype
+from llm_worker.service import Worker
+from llm_worker.settings import Settings
+from model_cache import is_complete_model_dir, prepare_default_model
+
+FRANCE = "What is the capital of France?"
+
+
+def answer(worker, instruction=FRANCE, **generation):
+    return worker.complete(job(instruction, max_new_tokens=24, **generation))
+
+
+@pytest.fixture
+def started():
+    workers = []
+
+    def start(**settings):
+        worker = Worker.start(Settings(**settings))
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.close()
+
+
+def test_default_model_is_converted_once_into_safetensors(base_model_dir):
+    assert is_complete_model_dir(base_model_dir)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (base_model_dir / name).is_file()
+    started = time.perf_counter()
+    assert prepare_default_model(Settings()) == base_model_dir
+    assert time.perf_counter() - started < 1.0, "a prepared cache must be reused, not converted again"
+
+
+def test_auto_dtype_is_bfloat16_on_cpu(worker):
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.bfloat16
+    assert worker.loaded.dtype is torch.bfloat16
+    assert next(worker.loaded.model.parameters()).dtype is torch.bfloat16
+
+
+def test_lora_weights_change_the_greedy_answer(started, pirate_adapter, fp32_worker):
+    base = answer(fp32_worker)
+    tuned = answer(started(dtype="float32", lora_weights=str(pirate_adapter)))
+    assert "Ahoy" in tuned["output"] and "Ahoy" not in base["output"]
+    assert tuned["adapter"] == "pirate"
+
+
+def test_merged_lora_gives_the_same_answer(started, pirate_adapter):
+    unmerged = started(dtype="float32", lora_weights=str(pirate_adapter))
+    merged = started(dtype="float32", lora_weights=str(pirate_adapter), merge_lora=True)
+    assert not hasattr(merged.loaded.model, "peft_config"), "merged weights need no PEFT wrapper"
+    for instruction in (FRANCE, "Name three colors.", "Write a haiku about the sea."):
+        assert answer(merged, instruction) == answer(unmerged, instruction)
+
+
+@pytest.mark.parametrize("bits, layer", [("load_8bit", "Linear8bitLt"), ("load_4bit", "Linear4bit")])
+def test_bitsandbytes_quantized_model_answers(started, bits, layer):
+    worker = started(**{bits: True})
+    assert worker.load_error is None
+    quantized = [m for m in worker.loaded.model.modules() if type(m).__name__ == layer]
+    assert len(quantized) >= 7 * worker.loaded.model.config.num_hidden_layers
+    result = answer(worker)
+    assert result["output"].strip() and result["finish_reason"] in ("eos", "length")
+    if bits == "load_8bit":  # NF4 on a 135M model loses this fact; int8 keeps it
+        assert "Paris" in result["output"]
+
+
+def test_8bit_and_4bit_together_are_refused():
+    with pytest.raises(ValueError, match="LOAD_8BIT and LOAD_4BIT are exclusive"):
+        Settings(load_8bit=True, load_4bit=True)
+
+
+def test_missing_special_tokens_are_filled_from_the_tokenizer(base_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer.pad_token = None
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    )
+    fix_special_tokens(model, tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.unk_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.bos_token_id == tokenizer.bos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_a_model_that_fails_to_load_answers_every_job_with_the_reason(started):
+    broken = started(base_model="/nonexistent/model-folder")
+    assert broken.engine is None
+    for _ in range(2):
+        error = broken.complete(job(FRANCE))["error"]
+        assert error.startswith("the model failed to load")
+        assert "/nonexistent/model-folder" in error

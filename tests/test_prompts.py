@@ -1,0 +1,52 @@
+"""Prompt templates: the four Alpaca-LoRA formats, the model's chat template, and raw prompts."""
+
+import pytest
+
+from llm_worker.prompts import file_templates, render_prompt, template_names
+
+FILE_TEMPLATES = ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne"]
+
+
+def test_all_alpaca_lora_formats_are_template_files():
+    assert sorted(file_templates()) == sorted(FILE_TEMPLATES)
+    for spec in file_templates().values():
+        assert {"prompt_input", "prompt_no_input", "response_split"} <= set(spec)
+    assert template_names()[-2:] == ["chat", "none"]
+
+
+@pytest.mark.parametrize("template", FILE_TEMPLATES)
+def test_file_templates_place_instruction_and_input(worker, template):
+    tokenizer = worker.loaded.tokenizer
+    with_input = render_prompt(tokenizer, template, "Translate {this}", "le chat")
+    without = render_prompt(tokenizer, template, "Translate {this}")
+    assert "Translate {this}" in with_input.text and "le chat" in with_input.text
+    assert "Translate {this}" in without.text and "le chat" not in without.text
+    assert with_input.text.rstrip().endswith(with_input.response_split)
+    assert without.text.rstrip().endswith(without.response_split)
+
+
+def test_chat_template_uses_the_models_own_format(worker):
+    prompt = render_prompt(worker.loaded.tokenizer, "chat", "Say hi", "twice")
+    assert "<|im_start|>user\nSay hi\n\ntwice<|im_end|>" in prompt.text
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert prompt.response_split is None
+
+
+def test_none_template_is_the_raw_instruction(worker):
+    assert render_prompt(worker.loaded.tokenizer, "none", "Once upon a time").text == "Once upon a time"
+
+
+@pytest.mark.parametrize("template", [*FILE_TEMPLATES, "chat", "none"])
+@pytest.mark.parametrize("input_text", ["", "Paris, Berlin, Rome"])
+def test_every_template_answers_with_and_without_input(worker, template, input_text):
+    result = worker.complete(
+        {
+            "prompt_config": {"instruction": "List the cities.", "input": input_text, "template": template},
+            "generation_config": {"max_new_tokens": 6},
+        }
+    )
+    assert "error" not in result
+    assert result["output"].strip()
+    assert result["usage"]["completion_tokens"] <= 6
+    for marker in ("### Response:", "### Réponse:"):
+        assert marker not in result["output"]
