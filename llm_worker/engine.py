@@ -33,9 +33,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
 from transformers import DynamicCache
 
+from llm_worker.kv_cache import SlotCache
 from llm_worker.sampling import RowSampling, next_tokens
 from llm_worker.schema import GenerationConfig
 
@@ -103,11 +104,6 @@ class Sequence:
     emitted: int = 0
     finish_reason: str | None = None
 
-    @property
-    def next_position(self) -> int:
-        """Position of the newest token, the one the next step feeds in."""
-        return len(self.request.prompt_ids) + len(self.generated) - 1
-
 
 class Engine:
     def __init__(
@@ -126,13 +122,12 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_job_seconds = max_job_seconds
         self._peft = hasattr(model, "peft_config")
+        self._cache = SlotCache(model.config.get_text_config(decoder=True).num_hidden_layers, self.device)
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
         self._thread.start()
 
@@ -207,20 +202,26 @@ class Engine:
             self._waiting.remove(seq)
 
     def _admit(self) -> None:
-        group: list[Sequence] = []
-        while self._waiting and len(self._active) + len(group) < self.max_batch_size:
+        """Start waiting requests while there is room. Prompts are prefilled shortest first, in
+        chunks of similar length, so that little padding is computed (a burst of 32 seed tasks
+        padded to its longest prompt costs 3x the prefill of the same prompts sorted)."""
+        admitted: list[Sequence] = []
+        while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
             seq = self._waiting.popleft()
             seq.row = self._row_sampling(seq.request)
             if seq.request.config.num_beams > 1:
                 self._guarded([seq], self._run_beam_search)
-                continue
-            longest = max([len(s.request.prompt_ids) for s in group] + [len(seq.request.prompt_ids)])
-            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
-                self._guarded(group, self._prefill)
-                group = []
-            group.append(seq)
-        if group:
-            self._guarded(group, self._prefill)
+            else:
+                admitted.append(seq)
+        admitted.sort(key=lambda s: len(s.request.prompt_ids))
+        chunk: list[Sequence] = []
+        for seq in admitted:
+            if chunk and len(seq.request.prompt_ids) * (len(chunk) + 1) > self.max_prefill_tokens:
+                self._guarded(chunk, self._prefill)
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            self._guarded(chunk, self._prefill)
 
     def _guarded(self, seqs: list[Sequence], work: Callable[[list[Sequence]], None]) -> None:
         """Run engine work; if it raises, fail exactly the requests it was for and keep serving."""
@@ -263,7 +264,7 @@ class Engine:
         )
 
     def _forward(self, seqs: list[Sequence], **inputs) -> torch.Tensor:
-        return self.model(**inputs, **self._adapter_kwargs(seqs), use_cache=True).logits[:, -1, :]
+        return self.model(**inputs, **self._adapter_kwargs(seqs), use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
     def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
         """PEFT mixed-batch LoRA: each row names its adapter (``__base__``: none)."""
@@ -289,31 +290,21 @@ class Engine:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             cache=cache,
         )
-        self._merge(group, cache, mask)
-        self._accept_all(group, next_tokens(logits, [s.row for s in group], self.eos_ids))
-
-    def _merge(self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if not self._active:
-            self._active, self._cache, self._mask = list(group), cache, mask
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
-            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
-        self._mask = torch.cat([F.pad(self._mask, (length - self._mask.shape[1], 0)), F.pad(mask, (length - mask.shape[1], 0))])
+        self._cache.add_rows(cache, [len(s.request.prompt_ids) for s in group])
         self._active.extend(group)
+        self._accept_all(group, next_tokens(logits, [s.row for s in group], self.eos_ids))
 
     def _step(self, seqs: list[Sequence]) -> None:
         """One decoding step for every running request."""
-        mask = F.pad(self._mask, (0, 1), value=1)
+        self._cache.prepare_step()
         logits = self._forward(
             seqs,
             input_ids=torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
-            attention_mask=mask,
-            position_ids=torch.tensor([[s.next_position] for s in seqs], device=self.device),
+            attention_mask=self._cache.attention_mask(),
+            position_ids=self._cache.lengths[:, None],
             cache=self._cache,
         )
-        self._mask = mask
+        self._cache.advance()
         self._accept_all(seqs, next_tokens(logits, [s.row for s in seqs], self.eos_ids))
 
     def _drop_cancelled_and_expired(self) -> None:
@@ -375,20 +366,12 @@ class Engine:
         )
 
     def _remove_finished(self) -> None:
-        keep = [i for i, seq in enumerate(self._active) if seq.finish_reason is None]
-        if len(keep) == len(self._active):
-            return
-        if not keep:
-            self._active, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask[index]
-        first_used = int(mask.any(dim=0).int().argmax())
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first_used:]
-            layer.values = layer.values[index, :, first_used:]
-        self._mask = mask[:, first_used:]
-        self._active = [self._active[i] for i in keep]
+        """Drop finished rows at once (highest first, so the rows moved into gaps are live ones)."""
+        for row in reversed(range(len(self._active))):
+            if self._active[row].finish_reason is not None:
+                moved = self._cache.remove_row(row)
+                self._active[row] = self._active[moved]
+                self._active.pop()
 
     def _run_beam_search(self, seqs: list[Sequence]) -> None:
         """Beam search through ``model.generate``, serialized on the engine thread."""
@@ -420,11 +403,6 @@ class Engine:
                 break
         if seq.finish_reason is None:
             self._finish(seq, "length")
-
-
-def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Left-pad a cache tensor [batch, heads, seq, dim] with zeros to ``length`` positions."""
-    return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

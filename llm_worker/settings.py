@@ -19,7 +19,7 @@ DEFAULT_CACHE_DIR = PROJECT_ROOT / "model_cache"
 class Settings(BaseSettings):
     """Worker configuration, read from the environment (names are the upper-case field names)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True)
 
     base_model: str | None = Field(
         None, description="Hub id or local folder of a causal LM; unset: the embedded SmolLM2-135M-Instruct."
