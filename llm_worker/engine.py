@@ -42,6 +42,7 @@ from llm_worker.schema import GenerationConfig
 
 log = logging.getLogger(__name__)
 
+MAX_PADDING_RATIO = 1.25  # a prefill chunk computes at most this many padded tokens per real one
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -204,7 +205,8 @@ class Engine:
     def _admit(self) -> None:
         """Start waiting requests while there is room. Prompts are prefilled shortest first, in
         chunks of similar length, so that little padding is computed (a burst of 32 seed tasks
-        padded to its longest prompt costs 3x the prefill of the same prompts sorted)."""
+        padded to its longest prompt costs 3x the prefill of the same prompts sorted). Each chunk's
+        first tokens go out as soon as it is done."""
         admitted: list[Sequence] = []
         while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
             seq = self._waiting.popleft()
@@ -215,11 +217,15 @@ class Engine:
                 admitted.append(seq)
         admitted.sort(key=lambda s: len(s.request.prompt_ids))
         chunk: list[Sequence] = []
+        real_tokens = 0
         for seq in admitted:
-            if chunk and len(seq.request.prompt_ids) * (len(chunk) + 1) > self.max_prefill_tokens:
+            length = len(seq.request.prompt_ids)
+            padded = length * (len(chunk) + 1)
+            if chunk and (padded > self.max_prefill_tokens or padded > MAX_PADDING_RATIO * (real_tokens + length)):
                 self._guarded(chunk, self._prefill)
-                chunk = []
+                chunk, real_tokens = [], 0
             chunk.append(seq)
+            real_tokens += length
         if chunk:
             self._guarded(chunk, self._prefill)
 

@@ -105,7 +105,15 @@ class SlotCache(DynamicCache):
                 layer.store_values[row, :, :length] = layer.store_values[last, :, :length]
             self.lengths[row] = self.lengths[last]
         self.lengths = self.lengths[:last]
+        if not self.rows:
+            self._release()
         return last
+
+    def _release(self) -> None:
+        """Drop the buffers when the batch empties: one long prompt grows them for everyone
+        (32 slots x 1,500 positions is a gigabyte), and the next burst should start small."""
+        for layer in self.layers:
+            layer.store_keys = layer.store_values = layer.keys = layer.values = None
 
     def _ensure(self, rows: int, positions: int, like: torch.Tensor | None = None) -> None:
         store = self.layers[0].store_keys
