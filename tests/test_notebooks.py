@@ -1,0 +1,156 @@
+"""The notebooks run top to bottom (with small parameters) and are committed without outputs.
+
+Each notebook runs in a fresh kernel on this interpreter (the project's venv), from notebooks/,
+with its ``parameters`` cell overridden; a probe cell appended at the end prints the notebook's
+results as JSON, and the tests check those and the outputs a reader sees.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = "llm-worker-tests"
+PROBE = "PROBE "
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """A kernel spec that runs this interpreter, found first on JUPYTER_PATH; yields a setter for
+    the kernel's environment (a kernel inherits the environment it is started in)."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", str(root))
+        patch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # a debugger warning on stderr, nothing else
+        yield patch
+
+
+def run_notebook(name: str, parameters: dict, probe: str) -> tuple[nbformat.NotebookNode, dict]:
+    """Execute a notebook with ``parameters`` set after its ``parameters`` cell's own; return the
+    executed notebook and the value of ``probe`` (an expression, JSON-encoded in the kernel)."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cell = parameters_cell(nb)
+    cell.source += "\n\n# set by tests/test_notebooks.py\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json, sys as _sys\nprint({PROBE!r} + _json.dumps({probe}))"))
+    NotebookClient(nb, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    found = text_of(nb.cells[-1]).split(PROBE, 1)[1]
+    return nb, json.loads(found)
+
+
+def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    cells = [cell for cell in nb.cells if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "a notebook needs exactly one cell tagged 'parameters'"
+    assert cells[0] is next(cell for cell in nb.cells if cell.cell_type == "code"), "parameters come first"
+    return cells[0]
+
+
+def text_of(cell: nbformat.NotebookNode) -> str:
+    """What a reader sees of a cell's outputs: printed text and displayed Markdown/plain text."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif output.output_type in ("display_data", "execute_result"):
+            parts.append(output.data.get("text/markdown") or output.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def all_text(nb: nbformat.NotebookNode) -> str:
+    return "\n".join(text_of(cell) for cell in nb.cells if cell.cell_type == "code")
+
+
+def images(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in output.get("data", {}) for cell in nb.cells for output in cell.get("outputs", []))
+
+
+def test_playground(kernel_env):
+    nb, found = run_notebook(
+        "01_playground.ipynb",
+        {"MAX_NEW_TOKENS": 12, "TEMPERATURES": [0.0, 0.7], "TOP_PS": [0.9], "NUM_BEAMS": [1]},
+        '{"executable": _sys.executable, "templates": [j["prompt_config"]["template"] for j in template_jobs],'
+        ' "answers": [answer_text(r) for r in template_results], "grid": len(grid),'
+        ' "sample_event": sample_event, "sample_answer": sample_answer,'
+        ' "stream_event": stream_event, "streamed_answer": streamed_answer}',
+    )
+    assert found["executable"] == sys.executable
+    text = all_text(nb)
+    # one question per template, in a table; the capital question is answered
+    assert found["templates"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "chat", "none"]
+    assert "Paris" in found["answers"][0] and "| alpaca " in text
+    assert sum("Paris" in answer for answer in found["answers"]) >= 3
+    # the 2x1x1 grid: greedy and seeded sampling
+    assert found["grid"] == 2 and "num_beams=1" in text
+    # the printed events parse back to what produced the answers (the notebook re-ran them)
+    for event, answer in [(found["sample_event"], found["sample_answer"]), (found["stream_event"], found["streamed_answer"])]:
+        printed = json.dumps(event, indent=2)
+        assert printed in text and json.loads(printed) == event
+        assert f"answer: {answer}" in text
+        assert set(event) == {"input"} and event["input"]["generation_config"]["max_new_tokens"] == 12
+    assert found["sample_event"]["input"]["generation_config"]["seed"] >= 0
+    assert found["stream_event"]["input"]["stream"] is True and found["streamed_answer"] in text
+    assert "curl -s -X POST" in text and "both events reproduce their answers" in text
+
+
+def test_finetune_lora(kernel_env, tmp_path):
+    kernel_env.setenv("ADAPTER_DIR", str(tmp_path / "adapters"))
+    nb, found = run_notebook(
+        "02_finetune_lora.ipynb",
+        # Two examples in batches of two: every step sees the same batch, so the loss must fall.
+        {"TRAIN_EXAMPLES": 2, "BATCH_SIZE": 2, "STEPS": 6, "LEARNING_RATE": 3e-3, "EVAL_EXAMPLES": 3, "MAX_NEW_TOKENS": 48},
+        '{"losses": losses, "adapter_path": str(adapter_path), "expected": expected, "train": train,'
+        ' "held_out": held_out, "adapters": [r["adapter"] for r in results],'
+        ' "accuracy": [base_accuracy, adapter_accuracy]}',
+    )
+    losses = found["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0] and min(losses[3:]) < min(losses[:3])
+    adapter = Path(found["adapter_path"])
+    assert adapter == tmp_path / "adapters" / "gsm8k" and (adapter / "adapter_config.json").is_file()
+    assert not any(problem in found["train"] for problem in found["held_out"])
+    assert len(found["expected"]) == 3 and all(number for number in found["expected"])
+    assert found["adapters"] == [None] * 3 + ["gsm8k"] * 3
+    assert images(nb) == 1  # the loss curve
+    text = all_text(nb)
+    assert "correct? (base / adapter)" in text and "base accuracy:" in text and "adapter accuracy:" in text
+
+
+def test_throughput(kernel_env):
+    nb, found = run_notebook(
+        "03_throughput.ipynb",
+        {"REQUESTS": 6, "SEQUENTIAL_REQUESTS": 2, "MAX_NEW_TOKENS": 16, "CONCURRENCY": [1, 4]},
+        "rows",
+    )
+    assert [row["concurrency"] for row in found] == [1, 1, 4]
+    assert found[0]["run"].startswith("seed") and [row["requests"] for row in found] == [2, 2, 6]
+    assert all(row["tok_s"] > 0 for row in found)
+    text = all_text(nb)
+    assert all(f"| {row['run']} " in text for row in found)  # the table a reader sees
+    assert images(nb) == 1  # throughput and latency, two subplots in one figure
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.name)
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    parameters_cell(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name} has outputs: clear them before committing "
+                f"(jupyter nbconvert --clear-output --inplace {path.name})"
+            )
+
+
+def test_every_notebook_is_executed():
+    assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == [
+        "01_playground.ipynb",
+        "02_finetune_lora.ipynb",
+        "03_throughput.ipynb",
+    ]
