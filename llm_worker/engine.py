@@ -24,6 +24,7 @@ Design (measured on the project's 2-core CPU, SmolLM2-135M, see README "Throughp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -36,6 +37,7 @@ import torch
 
 from transformers import DynamicCache
 
+from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
 from llm_worker.kv_cache import SlotCache
 from llm_worker.sampling import RowSampling, next_tokens
 from llm_worker.schema import GenerationConfig
@@ -115,6 +117,7 @@ class Engine:
         max_batch_size: int = 32,
         max_prefill_tokens: int = 4096,
         max_job_seconds: float = 0.0,
+        adapters: AdapterManager | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -122,7 +125,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_job_seconds = max_job_seconds
-        self._peft = hasattr(model, "peft_config")
+        self.adapters = adapters
         self._cache = SlotCache(model.config.get_text_config(decoder=True).num_hidden_layers, self.device)
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -209,7 +212,19 @@ class Engine:
         first tokens go out as soon as it is done."""
         admitted: list[Sequence] = []
         while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
-            seq = self._waiting.popleft()
+            seq = self._waiting[0]
+            if seq.request.adapter is not None:
+                in_use = {s.request.adapter for s in self._active + admitted}
+                try:
+                    self.model = self.adapters.activate(self.model, seq.request.adapter, in_use)
+                except AdapterSlotsBusy:
+                    break  # every loaded adapter is busy: admit once a running request ends
+                except AdapterError as err:
+                    self._waiting.popleft()
+                    seq.finish_reason = "error"
+                    seq.sink(Failed(str(err)))
+                    continue
+            self._waiting.popleft()
             seq.row = self._row_sampling(seq.request)
             if seq.request.config.num_beams > 1:
                 self._guarded([seq], self._run_beam_search)
@@ -270,13 +285,23 @@ class Engine:
         )
 
     def _forward(self, seqs: list[Sequence], **inputs) -> torch.Tensor:
-        return self.model(**inputs, **self._adapter_kwargs(seqs), use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        with self._adapters_for(seqs) as adapter_kwargs:
+            return self.model(**inputs, **adapter_kwargs, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
-    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
-        """PEFT mixed-batch LoRA: each row names its adapter (``__base__``: none)."""
-        if not self._peft:
-            return {}
-        return {"adapter_names": [s.request.adapter or BASE_ADAPTER for s in seqs]}
+    @contextlib.contextmanager
+    def _adapters_for(self, seqs: list[Sequence]):
+        """Select the rows' LoRA adapters: one shared adapter becomes PEFT's active adapter (no
+        per-row dispatch); anything else uses PEFT's mixed-batch ``adapter_names``."""
+        if not hasattr(self.model, "peft_config"):
+            yield {}
+            return
+        names = [s.request.adapter or BASE_ADAPTER for s in seqs]
+        if len(set(names)) == 1 and names[0] != BASE_ADAPTER:
+            if self.model.active_adapter != names[0]:
+                self.model.set_adapter(names[0])
+            yield {}
+        else:
+            yield {"adapter_names": names}
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the new prompts (left-padded together), pick their first tokens, merge them in."""
@@ -389,20 +414,21 @@ class Engine:
             if config.seed is not None:
                 torch.manual_seed(config.seed)
         input_ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            num_beams=config.num_beams,
-            max_new_tokens=config.max_new_tokens,
-            min_new_tokens=config.min_new_tokens,
-            repetition_penalty=config.repetition_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            early_stopping=True,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            **sampling,
-            **self._adapter_kwargs(seqs),
-        )
+        with self._adapters_for(seqs) as adapter_kwargs:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                num_beams=config.num_beams,
+                max_new_tokens=config.max_new_tokens,
+                min_new_tokens=config.min_new_tokens,
+                repetition_penalty=config.repetition_penalty,
+                no_repeat_ngram_size=config.no_repeat_ngram_size,
+                early_stopping=True,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+                **adapter_kwargs,
+            )
         for token in output[0, input_ids.shape[1] :].tolist():
             self._accept(seq, token)
             if seq.finish_reason is not None:

@@ -25,7 +25,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    adapter: str | None
+    merged_adapter: str | None  # MERGE_LORA=1: the adapter folded into the weights
     load_seconds: float
 
 
@@ -94,22 +94,23 @@ def load_model(settings: Settings) -> LoadedModel:
         trust_remote_code=settings.trust_remote_code,
     )
     fix_special_tokens(model, tokenizer)
-    adapter = None
-    if settings.lora_weights:
-        model, adapter = attach_lora(model, settings)
+    merged = None
+    if settings.lora_weights and settings.merge_lora:
+        model, merged = merge_lora(model, settings)
     model.eval()
-    return LoadedModel(model, tokenizer, name, device, dtype, adapter, time.perf_counter() - started)
+    return LoadedModel(model, tokenizer, name, device, dtype, merged, time.perf_counter() - started)
 
 
-def attach_lora(model, settings: Settings):
+def merge_lora(model, settings: Settings):
+    """MERGE_LORA=1: fold LORA_WEIGHTS into the base weights (no per-step LoRA cost)."""
     from peft import PeftModel
 
+    from llm_worker.adapters import check_compatible
+
     folder = resolve_adapter_source(settings.lora_weights, settings)
-    adapter = adapter_name(settings.lora_weights)
-    model = PeftModel.from_pretrained(model, folder, adapter_name=adapter)
-    if settings.merge_lora:
-        model = model.merge_and_unload()
-    return model, adapter
+    name = adapter_name(settings.lora_weights)
+    check_compatible(model, folder, name, settings.max_lora_rank)
+    return PeftModel.from_pretrained(model, folder, adapter_name=name).merge_and_unload(), name
 
 
 def adapter_name(source: str) -> str:

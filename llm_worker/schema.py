@@ -8,7 +8,7 @@ the validation context, so the schema itself stays free of global state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -104,6 +104,11 @@ class JobInput(_Strict):
     prompt_config: PromptConfig
     generation_config: GenerationConfig = GenerationConfig()
     stream: bool = False
+    adapter: str | None = Field(None, min_length=1, max_length=200)
+
+
+class ListAdaptersInput(_Strict):
+    list_adapters: Literal[True]
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -120,10 +125,11 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_job_input(raw: Any, limits: Limits) -> JobInput:
+def parse_job_input(raw: Any, limits: Limits) -> JobInput | ListAdaptersInput:
     if not isinstance(raw, dict):
         raise InputError(f"input: must be a JSON object, got {type(raw).__name__}")
+    model = ListAdaptersInput if "list_adapters" in raw else JobInput
     try:
-        return JobInput.model_validate(raw, context={"limits": limits})
+        return model.model_validate(raw, context={"limits": limits})
     except ValidationError as err:
         raise InputError(describe(err)) from None

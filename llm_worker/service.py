@@ -10,10 +10,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llm_worker.adapters import AdapterManager
 from llm_worker.engine import Completion, Delta, Engine, EngineError, Failed, GenerationRequest
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
-from llm_worker.schema import InputError, JobInput, Limits, parse_job_input
+from llm_worker.loading import adapter_name
+from llm_worker.schema import InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,16 @@ log = logging.getLogger(__name__)
 class Worker:
     """Owns the loaded model and its engine. Build one per process with ``Worker.start()``."""
 
-    def __init__(self, settings: Settings, loaded: LoadedModel | None, load_error: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedModel | None,
+        adapters: AdapterManager | None = None,
+        load_error: str | None = None,
+    ) -> None:
         self.settings = settings
         self.loaded = loaded
+        self.adapters = adapters
         self.load_error = load_error
         self.limits = Limits(
             max_new_tokens=settings.max_new_tokens_limit,
@@ -39,6 +48,7 @@ class Worker:
                 max_batch_size=settings.max_batch_size,
                 max_prefill_tokens=settings.max_prefill_tokens,
                 max_job_seconds=settings.max_job_seconds,
+                adapters=self.adapters,
             )
             self.context_length = _context_length(loaded)
 
@@ -48,11 +58,15 @@ class Worker:
         settings = settings or Settings()
         try:
             loaded = load_model(settings)
+            default = adapter_name(settings.lora_weights) if settings.lora_weights else None
+            adapters = AdapterManager(settings, default=None if loaded.merged_adapter else default, merged=loaded.merged_adapter)
+            if adapters.default:
+                loaded.model = adapters.activate(loaded.model, adapters.default, in_use=set())
         except Exception as err:
             log.exception("the model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
-        return cls(settings, loaded)
+        return cls(settings, loaded, adapters)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -73,28 +87,37 @@ class Worker:
                 f"minus max_new_tokens {config.max_new_tokens})"
             )
         stop = tuple(config.stop) + ((prompt.response_split,) if prompt.response_split else ())
-        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=self.loaded.adapter)
+        adapter = self.adapters.choose(job.adapter)
+        if adapter == self.adapters.merged:
+            adapter = None  # already in the weights
+        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=adapter)
 
-    def prepare(self, raw: Any) -> tuple[JobInput, GenerationRequest]:
+    def prepare(self, raw: Any) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
+        """Validate a job input; a generation job also gets its engine request."""
         if self.load_error:
             raise EngineError(self.load_error)
         job = parse_job_input(raw, self.limits)
+        if isinstance(job, ListAdaptersInput):
+            return job, None
         return job, self.build_request(job)
 
     # ------------------------------------------------------------------ outputs
     def result(self, completion: Completion, adapter: str | None) -> dict[str, Any]:
+        """The job's output; ``adapter`` is the one that answered (the merged one, if any)."""
         return {
             "output": completion.text,
             "finish_reason": completion.finish_reason,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
             "model": self.loaded.name,
-            "adapter": adapter,
+            "adapter": adapter or self.adapters.merged,
         }
 
     def complete(self, raw: Any) -> dict[str, Any]:
         """Blocking: one job input in, one output (or ``{"error": ...}``) out."""
         try:
             job, request = self.prepare(raw)
+            if request is None:
+                return self.adapters.listing()
             return self.result(self.engine.generate(request), request.adapter)
         except (InputError, EngineError) as err:
             return {"error": str(err)}
@@ -106,6 +129,9 @@ class Worker:
             job, request = self.prepare(raw)
         except (InputError, EngineError) as err:
             yield {"error": str(err)}
+            return
+        if request is None:
+            yield self.adapters.listing()
             return
         pending = ""  # the newest delta waits, so that the last chunk carries text and ending
         async for event in self.engine.stream(request):

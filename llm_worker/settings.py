@@ -5,13 +5,16 @@ The README's configuration table lists the same variables; keep them in step.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BASE_ADAPTER_NAME = "base"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_ROOT / "model_cache"
 
@@ -26,31 +29,48 @@ class Settings(BaseSettings):
     )
     lora_weights: str | None = Field(None, description="PEFT LoRA adapter (folder or Hub id) loaded as the default adapter.")
     merge_lora: bool = Field(False, description="Merge LORA_WEIGHTS into the base weights (fastest single-adapter serving).")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    load_8bit: bool = False
-    load_4bit: bool = False
-    trust_remote_code: bool = False
-    hf_token: SecretStr | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and compute dtype; auto: bfloat16 on CPU and bf16-capable GPUs, else float16."
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: CUDA when present, else CPU.")
+    load_8bit: bool = Field(False, description="Load the weights in 8-bit through bitsandbytes.")
+    load_4bit: bool = Field(False, description="Load the weights in 4-bit (NF4) through bitsandbytes.")
+    trust_remote_code: bool = Field(False, description="Allow a model's own Python code from the Hub (off: safer).")
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated/private models; never logged.")
 
-    model_cache_dir: Path = DEFAULT_CACHE_DIR
+    model_cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Where converted and downloaded weights live.")
     hf_home: Path | None = Field(None, description="Hugging Face cache root; default: MODEL_CACHE_DIR/huggingface.")
     runpod_volume_dir: Path = Field(Path("/runpod-volume"), description="Where RunPod mounts network volumes.")
 
-    max_new_tokens_limit: int = Field(2048, ge=1)
-    max_input_tokens: int = Field(4096, ge=1)
-    max_concurrency: int = Field(32, ge=1, le=1024)
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    max_prefill_tokens: int = Field(4096, ge=1)
-    max_job_seconds: float = Field(540.0, ge=0)
-    max_stop_strings: int = Field(16, ge=0)
-    max_stop_chars: int = Field(200, ge=1)
+    adapter_dir: Path = Field(DEFAULT_CACHE_DIR / "adapters", description="One PEFT adapter folder per name.")
+    lora_adapters: str | None = Field(None, description="More adapters by name: name=path_or_hub_id,...")
+    max_loaded_adapters: int = Field(8, ge=1, le=256, description="Adapters kept loaded; the least recently used goes.")
+    max_lora_rank: int = Field(64, ge=1, description="Adapters of a higher LoRA rank are refused.")
+    allow_hub_adapters: bool = Field(False, description="Let LORA_ADAPTERS entries be fetched from the Hub.")
+
+    max_new_tokens_limit: int = Field(2048, ge=1, description="Largest max_new_tokens a job may ask for.")
+    max_input_tokens: int = Field(4096, ge=1, description="Longest prompt in tokens (also capped by the context).")
+    max_input_bytes: int = Field(1_000_000, ge=1, description="Largest job input, as JSON bytes.")
+    max_concurrency: int = Field(32, ge=1, le=1024, description="Jobs the worker takes from RunPod at once.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Requests decoded together in one step.")
+    max_prefill_tokens: int = Field(4096, ge=1, description="Padded prompt tokens prefilled in one forward pass.")
+    max_job_seconds: float = Field(
+        540.0, ge=0, description="A job running longer ends with finish_reason time_limit and its text so far; 0: off."
+    )
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings a job may give.")
+    max_stop_chars: int = Field(200, ge=1, description="Longest stop string, in characters.")
 
     @model_validator(mode="after")
     def _one_quantization(self) -> Settings:
         if self.load_8bit and self.load_4bit:
             raise ValueError("LOAD_8BIT and LOAD_4BIT are exclusive: set at most one")
         return self
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_list(cls, value: str | None) -> str | None:
+        parse_adapter_list(value)
+        return value
 
     @cached_property
     def hub_cache_dir(self) -> Path:
@@ -59,3 +79,15 @@ class Settings(BaseSettings):
 
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
+
+
+def parse_adapter_list(value: str | None) -> dict[str, str]:
+    """LORA_ADAPTERS (``name=path_or_hub_id,...``) as a dict; refuses malformed entries and bad names."""
+    entries: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        name, sep, source = item.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not source or not ADAPTER_NAME.match(name) or name == BASE_ADAPTER_NAME:
+            raise ValueError(f"LORA_ADAPTERS: {item!r} is not name=path_or_hub_id with a valid name")
+        entries[name] = source
+    return entries

@@ -501,8 +501,9 @@ def test_hub_json_lists_every_setting_with_its_default(instructions):
         if name == "hf_token":
             assert "default" not in spec and "secret" in spec["description"].lower()
             continue
-        if name == "model_cache_dir":
-            assert spec["default"] == image_cache_dir, "MODEL_CACHE_DIR's default must be where the image bakes"
+        if name in ("model_cache_dir", "adapter_dir"):
+            inside = str(Path(image_cache_dir, field.default.relative_to(Settings.model_fields["model_cache_dir"].default)))
+            assert spec["default"] == inside, f"{name.upper()}'s default must be the image's own folder"
             continue
         if field.default is None:
             assert "default" not in spec, f"{name.upper()} is unset by default"

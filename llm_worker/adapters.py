@@ -1,0 +1,224 @@
+"""Per-request LoRA adapters: finding them by name, checking them, loading them lazily (LRU).
+
+Names come from three places: the folders of ``ADAPTER_DIR`` (one PEFT adapter folder per
+name), ``LORA_ADAPTERS`` (``name=path_or_hub_id,...``) and ``LORA_WEIGHTS`` (the default
+adapter, named after its last path part). ``base`` always means the plain base model.
+
+Loading happens on the engine thread between steps (PEFT edits the model's layers, which must
+not happen under a running forward); everything that can fail is checked first, from the adapter's
+own files, so a refused adapter never touches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_worker.schema import InputError
+from llm_worker.settings import ADAPTER_NAME, BASE_ADAPTER_NAME as BASE, Settings, parse_adapter_list
+from model_cache import ModelSourceError, resolve_adapter_source
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = ADAPTER_NAME
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterError(RuntimeError):
+    """An adapter could not be used; the message says which and why."""
+
+
+class AdapterSlotsBusy(RuntimeError):
+    """Every loaded adapter is in use by a running request: wait for one to finish."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    name: str
+    source: str  # a folder, or a Hub id
+    origin: str  # ADAPTER_DIR | LORA_ADAPTERS | LORA_WEIGHTS
+
+
+class AdapterManager:
+    def __init__(self, settings: Settings, default: str | None = None, merged: str | None = None) -> None:
+        self.settings = settings
+        self.default = default  # the LORA_WEIGHTS adapter's name, used when a request names none
+        self.merged = merged  # with MERGE_LORA=1: the adapter merged into the weights
+        self.configured = parse_adapter_list(settings.lora_adapters)
+        self._loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ names
+    def known(self) -> dict[str, AdapterSource]:
+        found: dict[str, AdapterSource] = {}
+        root = self.settings.adapter_dir
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if (
+                    NAME_PATTERN.match(folder.name)
+                    and self._inside_adapter_dir(folder)
+                    and (folder / "adapter_config.json").is_file()
+                ):
+                    found[folder.name] = AdapterSource(folder.name, str(folder), "ADAPTER_DIR")
+        for name, source in self.configured.items():
+            found[name] = AdapterSource(name, source, "LORA_ADAPTERS")
+        if self.settings.lora_weights and self.default:
+            found[self.default] = AdapterSource(self.default, self.settings.lora_weights, "LORA_WEIGHTS")
+        return found
+
+    def choose(self, requested: str | None) -> str | None:
+        """The adapter a request runs with (None: the base model); refuses unknown or unsafe names."""
+        if requested is None:
+            return self.merged or self.default
+        if self.merged:
+            if requested != self.merged:
+                raise InputError(
+                    f"adapter: MERGE_LORA=1 merged {self.merged!r} into the base weights; this worker serves only it"
+                )
+            return self.merged
+        if requested == BASE:
+            return None
+        if not NAME_PATTERN.match(requested):
+            raise InputError(
+                "adapter: must be a name of 1-64 letters, digits, '.', '_' or '-' (no paths), "
+                f"one of: {self.describe_names()}"
+            )
+        if requested not in self.known():
+            if (self.settings.adapter_dir / requested).exists() and not self._inside_adapter_dir(
+                self.settings.adapter_dir / requested
+            ):
+                raise InputError(f"adapter: {requested!r} links outside ADAPTER_DIR; refused")
+            raise InputError(f"adapter: unknown adapter {requested!r}; available: {self.describe_names()}")
+        return requested
+
+    def _inside_adapter_dir(self, folder: Path) -> bool:
+        """Symlinks may not lead out of ADAPTER_DIR."""
+        return folder.resolve().parent == self.settings.adapter_dir.resolve()
+
+    def describe_names(self) -> str:
+        return ", ".join([BASE, *self.known()])
+
+    def listing(self) -> dict:
+        with self._lock:
+            loaded = list(self._loaded)
+        return {
+            "adapters": [
+                {"name": source.name, "origin": source.origin, "loaded": source.name in loaded}
+                for source in self.known().values()
+            ],
+            "loaded": loaded,
+            "default": self.merged or self.default or BASE,
+            "max_loaded_adapters": self.settings.max_loaded_adapters,
+        }
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    # ------------------------------------------------------------------ loading (engine thread)
+    def activate(self, model, name: str, in_use: set[str]):
+        """Make ``name`` loaded (evicting the least recently used idle adapter if needed) and
+        return the model to run, which becomes a ``PeftModel`` with the first adapter."""
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return model
+        folder = self.locate(name)
+        check_compatible(model, folder, name, self.settings.max_lora_rank)
+        with self._lock:
+            while len(self._loaded) >= self.settings.max_loaded_adapters:
+                idle = next((loaded for loaded in self._loaded if loaded not in in_use), None)
+                if idle is None:
+                    raise AdapterSlotsBusy(name)
+                del self._loaded[idle]
+                model.delete_adapter(idle)
+                log.info("Unloaded adapter %s (least recently used)", idle)
+        model = load_into(model, folder, name)
+        with self._lock:
+            self._loaded[name] = folder
+        log.info("Loaded adapter %s from %s", name, folder)
+        return model
+
+    def locate(self, name: str) -> Path:
+        """The adapter's local folder, kept inside ADAPTER_DIR for names found there."""
+        source = self.known().get(name)
+        if source is None:
+            raise AdapterError(f"adapter {name!r} is no longer available")
+        if source.origin == "ADAPTER_DIR":
+            folder = Path(source.source)
+            if not self._inside_adapter_dir(folder):
+                raise AdapterError(f"adapter {name!r} links outside ADAPTER_DIR; refused")
+            return folder.resolve()
+        allow_hub = source.origin == "LORA_WEIGHTS" or self.settings.allow_hub_adapters
+        try:
+            return resolve_adapter_source(source.source, self.settings, allow_hub=allow_hub)
+        except ModelSourceError as err:
+            hint = "" if allow_hub else " (set ALLOW_HUB_ADAPTERS=1 to fetch adapters from the Hub)"
+            raise AdapterError(f"adapter {name!r}: {err}{hint}") from None
+
+
+def adapter_config(folder: Path, name: str) -> dict:
+    path = folder / "adapter_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"adapter {name!r}: unreadable adapter_config.json ({type(err).__name__})") from None
+
+
+def adapter_weight_shapes(folder: Path, name: str) -> dict[str, tuple[int, ...]]:
+    for file in WEIGHT_FILES:
+        path = folder / file
+        if not path.is_file():
+            continue
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as weights:
+                return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+        import torch
+
+        return {key: tuple(value.shape) for key, value in torch.load(path, weights_only=True).items()}
+    raise AdapterError(f"adapter {name!r}: no {' or '.join(WEIGHT_FILES)} in its folder")
+
+
+def check_compatible(model, folder: Path, name: str, max_rank: int) -> None:
+    """Refuse an adapter that is not LoRA, whose rank exceeds MAX_LORA_RANK, or whose weights do
+    not fit this base model's layers (another base model), before PEFT touches the model."""
+    config = adapter_config(folder, name)
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"adapter {name!r}: only LoRA adapters are served, this one is {config.get('peft_type')!r}")
+    rank = int(config.get("r", 0))
+    ranks = [rank, *map(int, (config.get("rank_pattern") or {}).values())]
+    if max(ranks) > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds MAX_LORA_RANK={max_rank}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    trained_for = config.get("base_model_name_or_path") or "an unnamed base model"
+    for key, shape in adapter_weight_shapes(folder, name).items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        path = key.removeprefix("base_model.model.").split(".lora_")[0]
+        module = modules.get(path)
+        if module is None or not hasattr(module, "in_features"):
+            raise AdapterError(f"adapter {name!r} (trained for {trained_for}) targets {path}, which this base model lacks")
+        expected_dim = module.in_features if ".lora_A." in key else module.out_features
+        actual_dim = shape[1] if ".lora_A." in key else shape[0]
+        if actual_dim != expected_dim:
+            raise AdapterError(
+                f"adapter {name!r} was trained for another base model ({trained_for}): {key} has shape "
+                f"{list(shape)}, this model's {path} needs {expected_dim}"
+            )
+
+
+def load_into(model, folder: Path, name: str):
+    """Load a checked adapter; the first one wraps the model in a ``PeftModel``."""
+    if hasattr(model, "peft_config"):
+        model.load_adapter(str(folder), adapter_name=name)
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder), adapter_name=name).eval()
