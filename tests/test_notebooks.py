@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from llm_worker.prompts import template_names
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "llm-worker-tests"
 PROBE = "PROBE "
@@ -83,7 +85,7 @@ def test_playground(kernel_env):
     assert found["executable"] == sys.executable
     text = all_text(nb)
     # one question per template, in a table; the capital question is answered
-    assert found["templates"] == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne", "chat", "none"]
+    assert found["templates"] == template_names()
     assert "Paris" in found["answers"][0] and "| alpaca " in text
     assert sum("Paris" in answer for answer in found["answers"]) >= 3
     # the 2x1x1 grid: greedy and seeded sampling
