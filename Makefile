@@ -20,6 +20,13 @@ bench: install
 	$(PY) -m model_cache
 	$(PY) -m benchmarks.throughput
 
+# JupyterLab with the project's venv as the kernel "Python (llm-worker)".
+notebooks: install-dev
+	$(PY) -m model_cache
+	$(PIP) jupyterlab
+	$(PY) -m ipykernel install --sys-prefix --name llm-worker --display-name "Python (llm-worker)"
+	cd notebooks && ../$(PY) -m jupyterlab $(if $(filter 0,$(shell id -u)),--allow-root)
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 

@@ -20,13 +20,18 @@ atexit.register(worker.close)  # stop the engine thread before the interpreter t
 
 
 async def handler(job):
-    async for chunk in worker.handle(job["input"]):
+    async for chunk in worker.handle(job.get("input")):
         yield chunk
 
 
 async def handler_collected(job):
     """The SDK's local test mode prints a generator instead of running it: fold the stream here."""
-    return await collect(worker.handle(job["input"]))
+    return await collect(worker.handle(job.get("input")))
+
+
+def concurrency_modifier(current: int) -> int:
+    """How many jobs RunPod may hand this worker at once: the engine batches them."""
+    return worker.settings.max_concurrency
 
 
 def local_test_mode() -> bool:
@@ -40,7 +45,7 @@ if __name__ == "__main__":
     runpod.serverless.start(
         {
             "handler": handler_collected if local_test_mode() else handler,
-            "concurrency_modifier": lambda current: worker.settings.max_concurrency,
+            "concurrency_modifier": concurrency_modifier,
             "return_aggregate_stream": True,
         }
     )

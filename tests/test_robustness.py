@@ -1,0 +1,310 @@
+"""Robustness: adversarial input, injected faults, a burst of load, and secrets."""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import ROOT, job, post, seed_tasks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm_worker.service import Worker
+from llm_worker.settings import Settings
+
+FRANCE = "What is the capital of France?"
+OUTPUT_KEYS = {"output", "finish_reason", "usage", "model", "adapter"}
+FINISH_REASONS = {"eos", "length", "stop", "time_limit"}
+
+
+@pytest.fixture(scope="module")
+def handler_module():
+    """The real handler module, as RunPod imports it (it loads its own worker)."""
+    import handler
+
+    return handler
+
+
+def run_job(handler_module, event) -> list:
+    async def consume():
+        return [chunk async for chunk in handler_module.handler({"id": "fuzz", "input": event})]
+
+    return asyncio.run(consume())
+
+
+def check_outcome(chunks: list) -> None:
+    """Either exactly one error naming what is wrong, or a well-formed answer."""
+    assert chunks and all(isinstance(chunk, dict) for chunk in chunks)
+    if "error" in chunks[0]:
+        assert len(chunks) == 1
+        field, _, rule = chunks[0]["error"].partition(": ")
+        assert field and rule, chunks[0]["error"]
+        return
+    final = chunks[-1]
+    assert final["finish_reason"] in FINISH_REASONS
+    assert set(final["usage"]) == {"prompt_tokens", "completion_tokens"}
+    if "delta" in final:
+        assert all(set(chunk) == {"delta"} for chunk in chunks[:-1])
+    else:
+        assert len(chunks) == 1 and set(final) == OUTPUT_KEYS
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=24,
+)
+adversarial = st.one_of(
+    json_values,
+    st.sampled_from(
+        [
+            float("nan"), float("inf"), -float("inf"), -1, 0, 10**30, -(10**30), 2**63, "", "\ud800", "a\udfffb",
+            "x" * 1_100_000, "word " * 30_000, [], {}, [[[[[[[]]]]]]], True, "12", 1e308,
+        ]
+    ),
+)
+GENERATION_FIELDS = [
+    "temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty",
+    "no_repeat_ngram_size", "do_sample", "seed", "stop",
+]
+
+
+@st.composite
+def near_valid_events(draw):
+    """A valid small event with one or two parts replaced by something adversarial."""
+    event = {
+        "prompt_config": {"instruction": draw(st.sampled_from([FRANCE, "Name a color.", "Count to 3."]))},
+        "generation_config": {"max_new_tokens": draw(st.integers(1, 4))},
+        "stream": draw(st.booleans()),
+    }
+    for _ in range(draw(st.integers(1, 2))):
+        where = draw(st.sampled_from(["prompt", "generation", "top", "adapter"]))
+        if where == "prompt" and isinstance(event["prompt_config"], dict):
+            event["prompt_config"][draw(st.sampled_from(["instruction", "input", "template", "extra"]))] = draw(adversarial)
+        elif where == "generation" and isinstance(event["generation_config"], dict):
+            event["generation_config"][draw(st.sampled_from([*GENERATION_FIELDS, "bogus"]))] = draw(adversarial)
+        elif where == "top":
+            event[draw(st.sampled_from(["prompt_config", "generation_config", "stream", "extra"]))] = draw(adversarial)
+        elif where == "adapter":
+            event["adapter"] = draw(adversarial)
+    if isinstance(event.get("generation_config"), dict):
+        tokens = event["generation_config"].get("max_new_tokens")
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 4:
+            event["generation_config"]["max_new_tokens"] = 4  # keep accepted jobs short: the schema bounds are tested elsewhere
+    return event
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(event=json_values)
+def test_any_json_input_gets_an_answer_or_a_named_error(handler_module, event):
+    check_outcome(run_job(handler_module, event))
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(event=near_valid_events())
+def test_adversarial_variations_of_valid_events(handler_module, event):
+    check_outcome(run_job(handler_module, event))
+
+
+def test_no_state_is_corrupted_by_the_fuzzing(handler_module, worker):
+    """Runs after the fuzz tests (file order): the same greedy answer as a fresh worker of the same settings."""
+    event = job(FRANCE, max_new_tokens=24)
+    assert run_job(handler_module, event) == [worker.complete(event)]
+
+
+def test_payload_size_is_bounded(worker):
+    error = worker.complete(job("x" * (worker.settings.max_input_bytes + 1)))["error"]
+    assert re.fullmatch(r"input: \d+ bytes exceeds MAX_INPUT_BYTES=1000000", error)
+
+
+def test_lone_surrogates_are_refused_with_the_field(worker):
+    error = worker.complete(job("hello \ud800"))["error"]
+    assert error == "prompt_config.instruction: Input should be a valid string, unable to parse raw data as a unicode string"
+
+
+def test_concurrency_limit_comes_from_the_environment():
+    env = {**os.environ, "MAX_CONCURRENCY": "5", "BASE_MODEL": "/nonexistent"}
+    code = "import handler; print(handler.concurrency_modifier(1))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "5"
+
+
+# ----------------------------------------------------------------------------------- faults
+def concurrently(worker, requests):
+    results = [None] * len(requests)
+
+    def run(i):
+        results[i] = worker.complete(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # a fixed arrival order: the last one is the newest
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.fixture
+def faulty_forward(fp32_worker):
+    """Make the model's forward raise out-of-memory when ``trigger(input_ids)`` says so."""
+    model = fp32_worker.engine.model
+    original = model.forward
+    triggers = []
+
+    def forward(*args, **kwargs):
+        input_ids = kwargs.get("input_ids")
+        if any(trigger(input_ids) for trigger in triggers):
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    yield triggers
+    del model.forward
+
+
+def test_out_of_memory_in_one_prefill_fails_only_that_job(fp32_worker, faulty_forward):
+    poison = fp32_worker.loaded.tokenizer("Zebra-quokka-poison", add_special_tokens=False)["input_ids"]
+
+    def poisoned_prompt(input_ids):
+        size = len(poison)
+        rows = input_ids.tolist() if input_ids.shape[1] > 1 else []
+        return any(row[i : i + size] == poison for row in rows for i in range(len(row) - size + 1))
+
+    requests = [job(t["instruction"], max_new_tokens=24) for t in seed_tasks(4)] + [job("Zebra-quokka-poison", max_new_tokens=24)]
+    solo = [fp32_worker.complete(r) for r in requests[:4]]
+    faulty_forward.append(poisoned_prompt)
+    results = concurrently(fp32_worker, requests)
+    assert results[:4] == solo
+    assert "OutOfMemoryError" in results[4]["error"]
+    faulty_forward.clear()
+    assert fp32_worker.complete(requests[0]) == solo[0]
+
+
+def test_out_of_memory_in_a_step_drops_the_newest_and_the_rest_finish(fp32_worker, faulty_forward):
+    requests = [job(t["instruction"], max_new_tokens=40, min_new_tokens=40) for t in seed_tasks(4, skip=10)]
+    solo = [fp32_worker.complete(r) for r in requests]
+    fired = []
+
+    def fourth_row_once(input_ids):
+        if input_ids.shape == (4, 1) and not fired:
+            fired.append(True)
+            return True
+        return False
+
+    faulty_forward.append(fourth_row_once)
+    results = concurrently(fp32_worker, requests)
+    assert fired
+    assert results[:3] == solo[:3]
+    assert results[3] == {"error": "out of memory: the batch could not hold this request; retry it"}
+
+
+def test_cancelling_the_handler_task_frees_the_slot_at_once(handler_module):
+    async def scenario():
+        chunks = []
+
+        async def consume():
+            event = {**job("Tell me a long story about dragons.", max_new_tokens=500), "stream": True}
+            async for chunk in handler_module.handler({"id": "cancel-me", "input": event}):
+                chunks.append(chunk)
+
+        task = asyncio.create_task(consume())
+        while not chunks:
+            await asyncio.sleep(0.01)
+        task.cancel()  # what the RunPod SDK does to cancel a job
+        cancelled_at = time.monotonic()
+        while handler_module.worker.engine.running:
+            await asyncio.sleep(0.01)
+            assert time.monotonic() - cancelled_at < 2.0, "the slot was not freed"
+        return chunks
+
+    assert asyncio.run(scenario())
+
+
+def test_job_over_the_time_limit_ends_with_its_partial_text(base_model_dir):
+    worker = Worker.start(Settings(max_job_seconds=1.0))
+    try:
+        result = worker.complete(job("Tell me a long story about dragons.", max_new_tokens=2000, min_new_tokens=2000))
+    finally:
+        worker.close()
+    assert result["finish_reason"] == "time_limit"
+    assert 0 < result["usage"]["completion_tokens"] < 2000
+    assert len(result["output"]) > 10
+
+
+# ----------------------------------------------------------------------------------- load
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_burst_of_200_jobs_32_at_a_time_loses_and_duplicates_nothing(api_server, worker):
+    url, pid = api_server
+    tasks = seed_tasks(175)
+    events = [
+        {"prompt_config": tasks[i % len(tasks)], "generation_config": {"max_new_tokens": 8}} for i in range(200)
+    ]
+    for event in events[:4]:  # warm up, so that the baseline includes the loaded model and first buffers
+        post(f"{url}/runsync", {"input": event})
+    before = rss_mb(pid)
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        replies = list(pool.map(lambda event: post(f"{url}/runsync", {"input": event}, timeout=300), events))
+    limit = before * 1.25 + 150
+    deadline = time.monotonic() + 10  # the engine frees its buffers just after the last answer leaves
+    while (after := rss_mb(pid)) >= limit and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    assert len({reply["id"] for reply in replies}) == 200
+    for event, reply in zip(events, replies):
+        assert reply["status"] == "COMPLETED", reply
+        (result,) = reply["output"]
+        assert result["finish_reason"] in ("eos", "length", "stop")
+        expected_prompt = len(worker.prepare(event)[1].prompt_ids)
+        assert result["usage"]["prompt_tokens"] == expected_prompt, "an answer went to the wrong job"
+    assert after < limit, f"memory grew from {before:.0f} MB to {after:.0f} MB"
+
+
+# ----------------------------------------------------------------------------------- security
+def test_remote_code_is_not_run_unless_allowed(base_model_dir, tmp_path):
+    assert Settings().trust_remote_code is False
+    model_dir = tmp_path / "model-with-code"
+    shutil.copytree(base_model_dir, model_dir)
+    marker = tmp_path / "remote-code-ran"
+    (model_dir / "evil_modeling.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_modeling.EvilConfig", "AutoModelForCausalLM": "evil_modeling.EvilModel"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    worker = Worker.start(Settings(base_model=str(model_dir)))
+    try:
+        assert not marker.exists()
+        assert "Paris" in worker.complete(job(FRANCE, max_new_tokens=24))["output"]
+    finally:
+        worker.close()
+
+
+def test_hub_token_never_appears_in_logs_errors_or_outputs():
+    token = "hf_FAKEtokenNEVERtoBEprinted1234567890"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RUNPOD_WEBHOOK_GET_JOB"},
+        "HF_TOKEN": token,
+        "BASE_MODEL": "someone/private-model",
+        "HF_HUB_OFFLINE": "1",
+        "RUNPOD_DEBUG_LEVEL": "DEBUG",
+    }
+    event = json.dumps({"input": job(FRANCE)})
+    done = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", event], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    printed = done.stdout + done.stderr
+    assert "the model failed to load" in printed and "someone/private-model" in printed
+    assert token not in printed
+    assert token[3:15] not in printed
