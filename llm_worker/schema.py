@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,6 +29,19 @@ class InputError(ValueError):
     """The job input broke a rule; the message names the field and the rule."""
 
 
+def _utf8(value: str) -> str:
+    """pydantic refuses lone surrogates only where it converts the string (e.g. for a length
+    check); the tokenizer refuses them everywhere, so every text field checks."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (it holds a lone surrogate such as \\ud800)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
@@ -41,8 +55,8 @@ class Limits:
 
 
 class PromptConfig(_Strict):
-    instruction: str = Field(min_length=1)
-    input: str = ""
+    instruction: Text = Field(min_length=1)
+    input: Text = ""
     template: str = "alpaca"
 
     @field_validator("template")
@@ -67,7 +81,7 @@ class GenerationConfig(_Strict):
     no_repeat_ngram_size: int = Field(0, ge=0, le=64)
     do_sample: bool | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Text] = Field(default_factory=list)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -114,7 +128,7 @@ class JobInput(_Strict):
     prompt_config: PromptConfig
     generation_config: GenerationConfig = GenerationConfig()
     stream: bool = False
-    adapter: str | None = Field(None, min_length=1, max_length=200)
+    adapter: Text | None = Field(None, min_length=1, max_length=200)
 
 
 class ListAdaptersInput(_Strict):

@@ -125,9 +125,10 @@ def test_payload_size_is_bounded(worker):
     assert re.fullmatch(r"input: \d+ bytes exceeds MAX_INPUT_BYTES=1000000", error)
 
 
-def test_lone_surrogates_are_refused_with_the_field(worker):
-    error = worker.complete(job("hello \ud800"))["error"]
-    assert error == "prompt_config.instruction: Input should be a valid string, unable to parse raw data as a unicode string"
+@pytest.mark.parametrize("field", ["instruction", "input"])
+def test_lone_surrogates_are_refused_with_the_field(worker, field):
+    event = {"prompt_config": {"instruction": "hello", field: "\ud800"}}
+    assert worker.complete(event)["error"].startswith(f"prompt_config.{field}: ")
 
 
 def test_concurrency_limit_comes_from_the_environment():
