@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,6 +42,37 @@ def worker(base_model_dir):
     worker = Worker.start(Settings())
     yield worker
     worker.close()
+
+
+@pytest.fixture
+def started():
+    """Start workers with particular settings; they are closed after the test."""
+    workers = []
+
+    def start(**settings):
+        worker = Worker.start(Settings(**settings))
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.close()
+
+
+def concurrently(worker, requests: list[dict], stagger: float = 0.0) -> list[dict]:
+    """Complete ``requests`` on ``worker`` at the same time (``stagger``: seconds between starts)."""
+    results = [None] * len(requests)
+
+    def run(i):
+        results[i] = worker.complete(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join()
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,11 @@
 """Per-request LoRA adapters: mixed batches, LRU loading, the list route, every refusal."""
 
-import json
 import shutil
-import threading
 
 import pytest
-from conftest import job, seed_tasks
+from conftest import concurrently, job, seed_tasks
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_worker.service import Worker
 from llm_worker.settings import Settings
@@ -31,39 +29,11 @@ def multi(adapter_dir):
     worker.close()
 
 
-@pytest.fixture
-def started():
-    workers = []
-
-    def start(**settings):
-        worker = Worker.start(Settings(**settings))
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
-
-
 def ask(worker, adapter=None, instruction=FRANCE, **generation):
     request = job(instruction, max_new_tokens=generation.pop("max_new_tokens", 24), **generation)
     if adapter is not None:
         request["adapter"] = adapter
     return worker.complete(request)
-
-
-def concurrently(worker, requests):
-    results = [None] * len(requests)
-
-    def run(i):
-        results[i] = worker.complete(requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def test_each_adapter_changes_the_answer_in_its_own_way(multi):

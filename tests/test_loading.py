@@ -8,7 +8,6 @@ from conftest import job
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm_worker.loading import fix_special_tokens, resolve_dtype
-from llm_worker.service import Worker
 from llm_worker.settings import Settings
 from model_cache import is_complete_model_dir, prepare_default_model
 
@@ -17,20 +16,6 @@ FRANCE = "What is the capital of France?"
 
 def answer(worker, instruction=FRANCE, **generation):
     return worker.complete(job(instruction, max_new_tokens=24, **generation))
-
-
-@pytest.fixture
-def started():
-    workers = []
-
-    def start(**settings):
-        worker = Worker.start(Settings(**settings))
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
 
 
 def test_default_model_is_converted_once_into_safetensors(base_model_dir):

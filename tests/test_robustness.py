@@ -7,13 +7,12 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, job, post, seed_tasks
+from conftest import ROOT, concurrently, job, post, seed_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,21 +138,6 @@ def test_concurrency_limit_comes_from_the_environment():
 
 
 # ----------------------------------------------------------------------------------- faults
-def concurrently(worker, requests):
-    results = [None] * len(requests)
-
-    def run(i):
-        results[i] = worker.complete(requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)  # a fixed arrival order: the last one is the newest
-    for thread in threads:
-        thread.join()
-    return results
-
-
 @pytest.fixture
 def faulty_forward(fp32_worker):
     """Make the model's forward raise out-of-memory when ``trigger(input_ids)`` says so."""
@@ -183,7 +167,7 @@ def test_out_of_memory_in_one_prefill_fails_only_that_job(fp32_worker, faulty_fo
     requests = [job(t["instruction"], max_new_tokens=24) for t in seed_tasks(4)] + [job("Zebra-quokka-poison", max_new_tokens=24)]
     solo = [fp32_worker.complete(r) for r in requests[:4]]
     faulty_forward.append(poisoned_prompt)
-    results = concurrently(fp32_worker, requests)
+    results = concurrently(fp32_worker, requests, stagger=0.05)
     assert results[:4] == solo
     assert "OutOfMemoryError" in results[4]["error"]
     faulty_forward.clear()
@@ -202,7 +186,7 @@ def test_out_of_memory_in_a_step_drops_the_newest_and_the_rest_finish(fp32_worke
         return False
 
     faulty_forward.append(fourth_row_once)
-    results = concurrently(fp32_worker, requests)
+    results = concurrently(fp32_worker, requests, stagger=0.05)
     assert fired
     assert results[:3] == solo[:3]
     assert results[3] == {"error": "out of memory: the batch could not hold this request; retry it"}
