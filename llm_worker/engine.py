@@ -1,24 +1,29 @@
 """The generation engine: one background thread owns the model and batches at decoding steps.
 
-Design (measured on the project's 2-core CPU, SmolLM2-135M, see README "Throughput"):
+Design (measured on the project's 2-core CPU with SmolLM2-135M; figures in the README):
 
-- Continuous batching over a left-padded KV cache, as in TGI's original ``CausalLMBatch``: a new
-  request is prefilled (together with the others that arrived meanwhile), then its cache rows are
-  left-padded to the batch's length and concatenated in; a finished request's rows are dropped at
-  once (``filter``) and all-padding columns trimmed, and its answer is returned immediately.
-  Every step is one ``model(...)`` call over the whole batch, so the weights are read once per
-  step for all running requests: that is where the throughput comes from on a bandwidth-bound
-  device.
+- Step-level continuous batching, in the spirit of TGI's original ``CausalLMBatch``
+  (``concatenate`` / ``filter``). Every step is one ``model(...)`` call over all running
+  requests, so the weights are read once per step for everyone: on a bandwidth-bound device
+  that is where the throughput comes from. A new request is prefilled (with the others that
+  arrived meanwhile, shortest first, in chunks of little padding) and joins at the next step. A
+  finished request leaves at once, and its answer goes out without waiting for the others.
+- The KV cache is a ``SlotCache`` (``kv_cache.py``): one row per request, written in place.
+  The first version concatenated like ``DynamicCache`` and rebuilt a left-padded cache on every
+  join and leave; at 32 concurrent requests that was slower than at 8 (page-fault churn).
 - Not transformers' own ``init_continuous_batching``: on this CPU it measured 70 tok/s at 32
-  requests against 115-280 for padded batching (its packed attention dominates a step), it
+  requests, against 115-280 for padded batching (its packed attention dominates a step). It
   refuses per-request ``repetition_penalty`` and PEFT ``adapter_names``, and its result queue
-  re-queues other requests' results. Plain forward calls over a ``DynamicCache`` keep every
-  model that transformers and PEFT support.
+  re-queues other requests' results. Plain forward calls over a ``DynamicCache`` subclass keep
+  every model that transformers and PEFT support.
 - Each row is sampled with its own settings and its own ``torch.Generator`` (``sampling.py``),
-  and padded positions are masked, so a greedy answer in a batch equals the same request alone.
+  and positions beyond a row's length are masked. So in fp32 a greedy answer in a batch equals
+  the same request alone (tested); in bf16 the batch shape changes kernel rounding.
 - Beam search (``num_beams > 1``) runs through ``model.generate`` on this same thread, between
-  steps; its tokens then go through the same ``accept`` path as batched ones (stop strings,
+  steps. Its tokens then go through the same ``_accept`` path as batched ones (stop strings,
   finish reasons, text).
+- Faults stay with the requests they touch: a failed prefill chunk is retried one request at a
+  time, an out-of-memory step drops the newest request, and no error stops the thread.
 """
 
 from __future__ import annotations
