@@ -29,7 +29,6 @@ Design (measured on the project's 2-core CPU with SmolLM2-135M; figures in the R
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -39,7 +38,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import DynamicCache
 
 from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
@@ -298,23 +296,20 @@ class Engine:
         )
 
     def _forward(self, seqs: list[Sequence], **inputs) -> torch.Tensor:
-        with self._adapters_for(seqs) as adapter_kwargs:
-            return self.model(**inputs, **adapter_kwargs, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        outputs = self.model(**inputs, **self._adapter_kwargs(seqs), use_cache=True, logits_to_keep=1)
+        return outputs.logits[:, -1, :]
 
-    @contextlib.contextmanager
-    def _adapters_for(self, seqs: list[Sequence]):
+    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
         """Select the rows' LoRA adapters: one shared adapter becomes PEFT's active adapter (no
         per-row dispatch); anything else uses PEFT's mixed-batch ``adapter_names``."""
         if not hasattr(self.model, "peft_config"):
-            yield {}
-            return
+            return {}
         names = [s.request.adapter or BASE_ADAPTER for s in seqs]
         if len(set(names)) == 1 and names[0] != BASE_ADAPTER:
             if self.model.active_adapter != names[0]:
                 self.model.set_adapter(names[0])
-            yield {}
-        else:
-            yield {"adapter_names": names}
+            return {}
+        return {"adapter_names": names}
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the new prompts (left-padded together), pick their first tokens, merge them in."""
@@ -448,21 +443,20 @@ class Engine:
             if config.seed is not None:
                 torch.manual_seed(config.seed)
         input_ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        with self._adapters_for(seqs) as adapter_kwargs:
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                num_beams=config.num_beams,
-                max_new_tokens=config.max_new_tokens,
-                min_new_tokens=config.min_new_tokens,
-                repetition_penalty=config.repetition_penalty,
-                no_repeat_ngram_size=config.no_repeat_ngram_size,
-                early_stopping=True,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id,
-                **sampling,
-                **adapter_kwargs,
-            )
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            num_beams=config.num_beams,
+            max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
+            repetition_penalty=config.repetition_penalty,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            early_stopping=True,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            **sampling,
+            **self._adapter_kwargs(seqs),
+        )
         for token in output[0, input_ids.shape[1] :].tolist():
             self._accept(seq, token)
             if seq.finish_reason is not None:
