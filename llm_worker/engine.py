@@ -1,54 +1,61 @@
-"""The generation engine: one background thread owns the model and batches at decoding steps.
+"""The generation engine: one background thread owns the model and runs it step by step.
 
-Design (measured on the project's 2-core CPU with SmolLM2-135M; figures in the README):
+Four parts, each in its own module, with plain data passed between them:
 
-- Step-level continuous batching, in the spirit of TGI's original ``CausalLMBatch``
-  (``concatenate`` / ``filter``). Every step is one ``model(...)`` call over all running
-  requests, so the weights are read once per step for everyone: on a bandwidth-bound device
-  that is where the throughput comes from. A new request is prefilled (with the others that
-  arrived meanwhile, shortest first, in chunks of little padding) and joins at the next step. A
-  finished request leaves at once, and its answer goes out without waiting for the others.
-- The KV cache is a ``SlotCache`` (``kv_cache.py``): one row per request, written in place.
-  The first version concatenated like ``DynamicCache`` and rebuilt a left-padded cache on every
-  join and leave; at 32 concurrent requests that was slower than at 8 (page-fault churn).
-- Not transformers' own ``init_continuous_batching``: on this CPU it measured 70 tok/s at 32
-  requests, against 115-280 for padded batching (its packed attention dominates a step). It
-  refuses per-request ``repetition_penalty`` and PEFT ``adapter_names``, and its result queue
-  re-queues other requests' results. Plain forward calls over a ``DynamicCache`` subclass keep
-  every model that transformers and PEFT support.
-- Each row is sampled with its own settings and its own ``torch.Generator`` (``sampling.py``),
-  and positions beyond a row's length are masked. So in fp32 a greedy answer in a batch equals
-  the same request alone (tested); in bf16 the batch shape changes kernel rounding.
-- Beam search (``num_beams > 1``) runs through ``model.generate`` on this same thread, between
-  steps. Its tokens then go through the same ``_accept`` path as batched ones (stop strings,
-  finish reasons, text).
-- Faults stay with the requests they touch: a failed prefill chunk is retried one request at a
-  time, an out-of-memory step drops the newest request, and no error stops the thread.
+- ``scheduler.py``: which requests run, under the KV budget and the batch size; chunked prefill
+  under a per-step token budget, interleaved with decoding.
+- ``runner.py``: the KV pool and one forward pass over fixed-shape inputs; CUDA graphs on CUDA.
+- ``sampling.py``: logits to token ids for all rows at once, each row with its own settings.
+- ``text.py``: token ids to text incrementally, stop strings, what may be streamed.
+
+This module ties them together on one thread: take new requests, admit what fits, prefill a
+budget of prompt tokens, decode one token for every running request, turn the tokens into
+events for the callers. Each step has one transfer from the device: the sampled token ids.
+
+Faults stay with their request: a failed prefill is retried one request at a time, a decoding
+step out of memory drops the newest request, a row whose logits are not finite fails alone, a
+caller that is gone is dropped, and no error stops the thread. ``close()`` ends every request in
+flight with an error.
+
+Beam search (``num_beams > 1``) runs through transformers' ``generate`` on this thread, outside
+the KV pool: while it runs, the other requests wait. It stops early when its job is cancelled or
+runs past ``MAX_JOB_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
-from llm_worker.kv_cache import SlotCache
-from llm_worker.sampling import RowSampling, next_tokens
+from llm_worker.kv_cache import (
+    BLOCK_SIZE,
+    SCRATCH_BLOCK,
+    BlockAllocator,
+    KVPool,
+    KVShape,
+    blocks_for,
+    kv_budget_blocks,
+)
+from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
+from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, banned_ngram_tokens, sample
+from llm_worker.scheduler import PrefillChunk, Scheduler, Slot
 from llm_worker.schema import GenerationConfig
+from llm_worker.text import AnswerText
 
 log = logging.getLogger(__name__)
 
-MAX_PADDING_RATIO = 1.25  # a prefill chunk computes at most this many padded tokens per real one
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MAX_PADDING_RATIO = 1.25  # a prefill forward computes at most this many padded tokens per real one
+PROGRESS_SECONDS = 10.0  # how often running requests' progress is logged (debug level)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # eos | length | stop | time_limit | cancelled
+    finish_reason: str  # eos | length | stop | time_limit
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int]
@@ -96,19 +103,37 @@ class RequestHandle:
         self.cancelled.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One request while the engine works on it."""
 
+    id: int
     request: GenerationRequest
     sink: Sink
     handle: RequestHandle
     submitted: float
-    row: RowSampling | None = None
+    slot: Slot
+    params: SamplingParams
+    text: AnswerText
     generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
+    seen: torch.Tensor | None = None  # bool [vocab]: tokens seen, for the repetition penalty
     finish_reason: str | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the newest token, the one the next decoding step feeds."""
+        return self.slot.prompt_len + len(self.generated) - 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step
+    max_job_seconds: float = 0.0
+    max_seq_len: int = 4096  # longest prompt + max_new_tokens a request may have
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True
 
 
 class Engine:
@@ -116,34 +141,110 @@ class Engine:
         self,
         model: torch.nn.Module,
         tokenizer,
+        config: EngineConfig = EngineConfig(),
         *,
-        max_batch_size: int = 32,
-        max_prefill_tokens: int = 4096,
-        max_job_seconds: float = 0.0,
+        dtype: torch.dtype | None = None,
         adapters: AdapterManager | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_job_seconds = max_job_seconds
+        self.config = config
         self.adapters = adapters
-        self._cache = SlotCache(model.config.get_text_config(decoder=True).num_hidden_layers, self.device)
+        self.device = next(model.parameters()).device
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.eos_mask[[i for i in self.eos_ids if i < vocab]] = True
+        self.vocab = vocab
+
+        shape = KVShape.of(model, dtype or _activation_dtype(model))
+        max_blocks = blocks_for(config.max_seq_len)
+        reserved = self._profile_peak(shape, max_blocks) if self.device.type == "cuda" else 0
+        blocks = kv_budget_blocks(
+            shape,
+            self.device,
+            kv_cache_tokens=config.kv_cache_tokens,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            reserved_bytes=reserved,
+        )
+        self.pool = KVPool(shape, blocks, self.device)
+        self.max_seq_len = min(config.max_seq_len, self.pool.capacity_tokens)
+        self.runner = StepRunner(model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs)
+        self.runner.capture_at_start()
+        log.info(
+            "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d",
+            self.pool.capacity_tokens, self.pool.nbytes / 2**30, blocks - 1, BLOCK_SIZE,
+            self.pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
+        )
+        self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
+        self._batch_key: tuple[int, ...] = ()
+        self._batch_params: BatchParams | None = None
+        self._ids = itertools.count(1)
+        self._last_progress = time.monotonic()
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
-        self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
+        self._closed = False
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
         self._thread.start()
 
+    def _profile_peak(self, shape: KVShape, max_blocks: int) -> int:
+        """Activation memory of the worst steps (the widest decoding gather, the largest prefill
+        chunk), measured on a two-block pool before the real one is sized, as vLLM's profile run."""
+        probe = KVPool(shape, 2, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        rows, width = self.config.max_batch_size, self.config.max_prefill_tokens
+
+        def zeros(*size: int) -> torch.Tensor:
+            return torch.zeros(size, dtype=torch.long, device=self.device)
+
+        with torch.inference_mode():
+            forward_step(self.model, probe, zeros(rows, 1), zeros(rows, 1), zeros(rows), zeros(rows, max_blocks))
+            forward_step(self.model, probe, zeros(1, width), zeros(1, width), zeros(width), zeros(1, blocks_for(width)))
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del probe
+        sampling = rows * self.vocab * 48  # sort, probabilities, noise, order: a few [rows, vocab] tensors
+        log.info("Profiled a worst-case step: %.2f GiB of activations", peak / 2**30)
+        return int(peak * 1.2) + sampling
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.capacity_tokens
+
+    @property
+    def running(self) -> int:
+        """Requests holding KV now (decoding, or their prompt being prefilled)."""
+        return len(self.scheduler.running) + len(self.scheduler.prefilling)
+
     # ----------------------------------------------------------------- callers' side
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
-        if not self._thread.is_alive():
-            raise EngineError("the generation engine has stopped")
+        footprint = len(request.prompt_ids) + request.config.max_new_tokens
+        if footprint > self.capacity_tokens:
+            raise EngineError(
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
+                f"({request.config.max_new_tokens}) needs {footprint} tokens of KV cache; "
+                f"this worker holds at most {self.capacity_tokens}"
+            )
         handle = RequestHandle()
-        self._inbox.put(Sequence(request, sink, handle, time.monotonic()))
+        config = request.config
+        params = SamplingParams(
+            sample=config.sampling,
+            temperature=config.temperature or 1.0,
+            top_k=config.top_k or 0,
+            top_p=config.top_p if config.top_p is not None else 1.0,
+            repetition_penalty=config.repetition_penalty,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            min_new_tokens=config.min_new_tokens,
+            seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
+        )
+        slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
+        seq = Sequence(next(self._ids), request, sink, handle, time.monotonic(), slot, params, AnswerText(self.tokenizer, request.stop))
+        with self._submit_lock:
+            if self._closed or not self._thread.is_alive():
+                raise EngineError("the generation engine has stopped")
+            self._inbox.put(seq)
         return handle
 
     def generate(self, request: GenerationRequest) -> Completion:
@@ -159,7 +260,7 @@ class Engine:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Async: deltas as they are decoded, then the completion. Cancelling the consuming task
-        cancels the request, which frees its batch slot at the next step."""
+        cancels the request, which frees its batch row and KV blocks at the next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         handle = self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -173,29 +274,31 @@ class Engine:
             handle.cancel()
 
     def close(self) -> None:
-        self._inbox.put(None)
+        """Stop the engine; every request still in flight gets an error."""
+        with self._submit_lock:
+            self._closed = True
+            self._inbox.put(None)
         self._thread.join()
-
-    @property
-    def running(self) -> int:
-        return len(self._active)
 
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         with torch.inference_mode():
-            while True:
-                if not self._take_inbox(block=not self._active and not self._waiting):
-                    return
+            while self._take_inbox(block=not self.scheduler.busy):
                 try:
-                    self._drop_cancelled_waiting()
-                    self._admit()
-                    self._drop_cancelled_and_expired()
-                    if self._active:
-                        self._guarded(self._active, self._step)
+                    self._iteration()
                 except Exception as err:  # a bug must cost the requests it touched, never the engine
                     log.exception("engine iteration failed")
-                    self._fail(self._active + list(self._waiting), f"engine error: {type(err).__name__}: {err}")
-                    self._waiting.clear()
+                    self._fail(self._in_flight(), f"engine error: {type(err).__name__}: {err}")
+            leftovers = self._in_flight()
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    leftovers.append(item)
+            self._fail(leftovers, "the worker is shutting down: this request was not finished; retry it")
+
+    def _in_flight(self) -> list[Sequence]:
+        s = self.scheduler
+        return [*s.waiting, *s.prefilling, *s.running]
 
     def _take_inbox(self, block: bool) -> bool:
         """Move new requests to the waiting line; False when the engine is asked to stop."""
@@ -204,53 +307,46 @@ class Engine:
             while True:
                 if item is None:
                     return False
-                self._waiting.append(item)
+                self.scheduler.waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
 
-    def _drop_cancelled_waiting(self) -> None:
-        for seq in [s for s in self._waiting if s.handle.cancelled.is_set()]:
-            self._waiting.remove(seq)
-
-    def _admit(self) -> None:
-        """Start waiting requests while there is room. Prompts are prefilled shortest first, in
-        chunks of similar length, so that little padding is computed (a burst of 32 seed tasks
-        padded to its longest prompt costs 3x the prefill of the same prompts sorted). Each chunk's
-        first tokens go out as soon as it is done."""
-        admitted: list[Sequence] = []
-        while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
-            seq = self._waiting[0]
-            if seq.request.adapter is not None:
-                in_use = {s.request.adapter for s in self._active + admitted}
-                try:
-                    self.model = self.adapters.activate(self.model, seq.request.adapter, in_use)
-                except AdapterSlotsBusy:
-                    break  # every loaded adapter is busy: admit once a running request ends
-                except Exception as err:
-                    self._waiting.popleft()
-                    message = str(err) if isinstance(err, AdapterError) else f"adapter {seq.request.adapter!r}: {err}"
-                    self._fail([seq], message)
-                    continue
-            self._waiting.popleft()
-            seq.row = self._row_sampling(seq.request)
+    def _iteration(self) -> None:
+        self._drop_cancelled_and_expired()
+        for seq in self.scheduler.admit(self._ready):
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+                seq.seen[[t for t in seq.request.prompt_ids if t < self.vocab]] = True
             if seq.request.config.num_beams > 1:
                 self._guarded([seq], self._run_beam_search)
-            else:
-                admitted.append(seq)
-        admitted.sort(key=lambda s: len(s.request.prompt_ids))
-        chunk: list[Sequence] = []
-        real_tokens = 0
-        for seq in admitted:
-            length = len(seq.request.prompt_ids)
-            padded = length * (len(chunk) + 1)
-            if chunk and (padded > self.max_prefill_tokens or padded > MAX_PADDING_RATIO * (real_tokens + length)):
-                self._guarded(chunk, self._prefill)
-                chunk, real_tokens = [], 0
-            chunk.append(seq)
-            real_tokens += length
-        if chunk:
-            self._guarded(chunk, self._prefill)
+        chunks = self.scheduler.plan_prefill()
+        if chunks:
+            self._prefill(chunks)
+        if self.scheduler.running:
+            self._guarded(list(self.scheduler.running), self._decode)
+        self._log_progress()
+
+    def _ready(self, seq: Sequence) -> bool | None:
+        """Admission check for a request's adapter: load it if needed (True), wait while every
+        adapter slot is busy (False), or fail the request (None)."""
+        name = seq.request.adapter
+        if name is None:
+            return True
+        in_use = {s.request.adapter for s in [*self.scheduler.running, *self.scheduler.prefilling]}
+        loading = not self.adapters.is_loaded(name)
+        try:
+            model = self.adapters.activate(self.model, name, in_use)
+        except AdapterSlotsBusy:
+            return False
+        except Exception as err:
+            message = str(err) if isinstance(err, AdapterError) else f"adapter {name!r}: {err}"
+            self._fail([seq], message)
+            return None
+        if loading:
+            self.model = model
+            self.runner.set_model(model)
+        return True
 
     def _guarded(self, seqs: list[Sequence], work: Callable[[list[Sequence]], None]) -> None:
         """Run engine work; if it raises, fail exactly the requests it was for and keep serving."""
@@ -260,103 +356,115 @@ class Engine:
             log.exception("generation failed for %d request(s)", len(seqs))
             self._fail(seqs, f"generation failed: {type(err).__name__}: {err}")
 
+    def _send(self, seq: Sequence, event: Event) -> None:
+        """Hand an event to the caller; a caller that is gone cancels its request, nothing more."""
+        try:
+            seq.sink(event)
+        except Exception as err:
+            log.warning("request %d: its caller is gone (%s); dropping it", seq.id, type(err).__name__)
+            seq.handle.cancel()
+            self._release(seq, "cancelled")
+
     def _fail(self, seqs: list[Sequence], message: str) -> None:
         for seq in list(seqs):
             if seq.finish_reason is None:
-                seq.finish_reason = "error"
-                seq.sink(Failed(message))
-        _release_accelerator_memory(self.device)
-        self._remove_finished()
+                self._release(seq, "error")
+                self._send(seq, Failed(message))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    def _row_sampling(self, request: GenerationRequest) -> RowSampling:
-        config = request.config
-        generator = None
-        if config.sampling:
-            generator = torch.Generator(device=self.device)
-            if config.seed is not None:
-                generator.manual_seed(config.seed)
-            else:
-                generator.seed()
-        seen = None
-        if config.repetition_penalty != 1.0:
-            seen = torch.zeros(_vocab_size(self.model), dtype=torch.bool, device=self.device)
-            seen[request.prompt_ids] = True
-        return RowSampling(
-            token_ids=list(request.prompt_ids),
-            generated=0,
-            sample=config.sampling,
-            temperature=config.temperature or 1.0,
-            top_k=config.top_k or 0,
-            top_p=config.top_p if config.top_p is not None else 1.0,
-            repetition_penalty=config.repetition_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            min_new_tokens=config.min_new_tokens,
-            generator=generator,
-            seen=seen,
+    def _release(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.release(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        rest = seq.text.delta(final=True)
+        self._release(seq, reason)
+        if rest:
+            self._send(seq, Delta(rest))
+        self._send(
+            seq,
+            Completion(
+                text=seq.text.answer,
+                finish_reason=reason,
+                prompt_tokens=seq.slot.prompt_len,
+                completion_tokens=len(seq.generated),
+                token_ids=list(seq.generated),
+            ),
         )
 
-    def _forward(self, seqs: list[Sequence], **inputs) -> torch.Tensor:
-        outputs = self.model(**inputs, **self._adapter_kwargs(seqs), use_cache=True, logits_to_keep=1)
-        return outputs.logits[:, -1, :]
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        for seq in self._in_flight():
+            if seq.handle.cancelled.is_set():
+                self._release(seq, "cancelled")  # its caller is gone: nobody to tell
+            elif self.config.max_job_seconds and now - seq.submitted > self.config.max_job_seconds:
+                self._finish(seq, "time_limit")
 
-    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
-        """Select the rows' LoRA adapters: one shared adapter becomes PEFT's active adapter (no
-        per-row dispatch); anything else uses PEFT's mixed-batch ``adapter_names``."""
-        if not hasattr(self.model, "peft_config"):
-            return {}
-        names = [s.request.adapter or BASE_ADAPTER for s in seqs]
-        if len(set(names)) == 1 and names[0] != BASE_ADAPTER:
-            if self.model.active_adapter != names[0]:
-                self.model.set_adapter(names[0])
-            return {}
-        return {"adapter_names": names}
+    # ----------------------------------------------------------------- prefill
+    def _prefill(self, chunks: list[PrefillChunk[Sequence]]) -> None:
+        """Run this step's prompt chunks, a few forward passes of similar widths (little padding)."""
+        chunks = sorted(chunks, key=lambda c: c.length)
+        group: list[PrefillChunk[Sequence]] = []
+        real = 0
+        for chunk in chunks:
+            padded = chunk.length * (len(group) + 1)
+            if group and padded > MAX_PADDING_RATIO * (real + chunk.length):
+                self._prefill_group(group)
+                group, real = [], 0
+            group.append(chunk)
+            real += chunk.length
+        if group:
+            self._prefill_group(group)
 
-    def _prefill(self, group: list[Sequence]) -> None:
-        """Run the new prompts (left-padded together), pick their first tokens, merge them in."""
-        longest = max(len(s.request.prompt_ids) for s in group)
-        input_ids = torch.full((len(group), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), longest), dtype=torch.long)
-        for i, seq in enumerate(group):
-            ids = seq.request.prompt_ids
-            input_ids[i, longest - len(ids) :] = torch.tensor(ids)
-            mask[i, longest - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache(config=self.model.config)
+    def _prefill_group(self, group: list[PrefillChunk[Sequence]]) -> None:
         try:
-            logits = self._forward(
-                group,
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                cache=cache,
-            )
-        except Exception:
+            self._prefill_forward(group)
+        except Exception as err:
             if len(group) == 1:
-                raise
-            log.warning("prefill of %d prompts failed; retrying them one by one", len(group))
-            del cache
-            _release_accelerator_memory(self.device)
-            for seq in group:
-                self._guarded([seq], self._prefill)
-            return
-        self._cache.add_rows(cache, [len(s.request.prompt_ids) for s in group])
-        self._active.extend(group)
-        self._accept_all(group, next_tokens(logits, [s.row for s in group], self.eos_ids))
+                log.exception("prefill failed for request %d", group[0].seq.id)
+                self._fail([group[0].seq], f"generation failed: {type(err).__name__}: {err}")
+                return
+            log.warning("prefill of %d prompts failed (%s); retrying them one by one", len(group), type(err).__name__)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for chunk in group:
+                self._prefill_group([chunk])
 
-    def _step(self, seqs: list[Sequence]) -> None:
+    def _prefill_forward(self, group: list[PrefillChunk[Sequence]]) -> None:
+        width = max(c.length for c in group)
+        inputs = StepInputs([], [], [], [])
+        for chunk in group:
+            seq, pad = chunk.seq, width - chunk.length
+            positions = range(chunk.start, chunk.start + chunk.length)
+            inputs.input_ids.append([self.pad_id] * pad + seq.request.prompt_ids[chunk.start : chunk.start + chunk.length])
+            inputs.positions.append([0] * pad + list(positions))
+            inputs.write_index += [SCRATCH_BLOCK * BLOCK_SIZE] * pad + [_pool_index(seq, p) for p in positions]
+            inputs.block_table.append(seq.slot.blocks[: blocks_for(chunk.start + chunk.length)])
+        _pad_tables(inputs.block_table)
+        logits = self.runner.run(inputs, [c.seq.request.adapter for c in group])
+        finishing = [i for i, c in enumerate(group) if c.last]
+        for chunk in group:
+            self.scheduler.prefilled(chunk)
+        if finishing:
+            seqs = [group[i].seq for i in finishing]
+            self._sample_and_accept(seqs, logits[finishing], fresh=True)
+
+    # ----------------------------------------------------------------- decode
+    def _decode(self, seqs: list[Sequence]) -> None:
         """One decoding step for every running request. Out of memory, the newest request is
         dropped (with an error) and the step retried for the rest: the writes of a failed step
         sit at positions the retry overwrites."""
         while True:
-            self._cache.prepare_step()
+            inputs = StepInputs(
+                input_ids=[[s.generated[-1]] for s in seqs],
+                positions=[[s.position] for s in seqs],
+                write_index=[_pool_index(s, s.position) for s in seqs],
+                block_table=[s.slot.blocks[: blocks_for(s.position + 1)] for s in seqs],
+            )
+            _pad_tables(inputs.block_table)
             try:
-                logits = self._forward(
-                    seqs,
-                    input_ids=torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
-                    attention_mask=self._cache.attention_mask(),
-                    position_ids=self._cache.lengths[:, None],
-                    cache=self._cache,
-                )
+                logits = self.runner.run(inputs, [s.request.adapter for s in seqs])
                 break
             except torch.OutOfMemoryError:
                 if len(seqs) == 1:
@@ -364,127 +472,143 @@ class Engine:
                 newest = max(seqs, key=lambda s: s.submitted)
                 log.warning("out of memory in a step of %d requests: dropping the newest", len(seqs))
                 self._fail([newest], "out of memory: the batch could not hold this request; retry it")
-        self._cache.advance()
-        self._accept_all(seqs, next_tokens(logits, [s.row for s in seqs], self.eos_ids))
+                seqs = [s for s in seqs if s is not newest]
+        self._sample_and_accept(seqs, logits)
 
-    def _drop_cancelled_and_expired(self) -> None:
-        now = time.monotonic()
-        for seq in self._active:
-            if seq.handle.cancelled.is_set():
-                seq.finish_reason = "cancelled"
-            elif self.max_job_seconds and now - seq.submitted > self.max_job_seconds:
-                self._finish(seq, "time_limit")
-        self._remove_finished()
-
-    def _accept_all(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, fresh: bool = False) -> None:
+        params = self._params_for(seqs, fresh)
+        generated = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        tokens = sample(logits, params, generated, self.eos_mask, self._bans(seqs)).tolist()  # the step's one sync
         for seq, token in zip(seqs, tokens):
-            self._accept(seq, token)
-        self._remove_finished()
+            if seq.finish_reason is None:
+                self._accept(seq, token)
+
+    def _params_for(self, seqs: list[Sequence], fresh: bool) -> BatchParams:
+        """The rows' sampling tensors, rebuilt only when the running batch changes."""
+        key = tuple(s.id for s in seqs)
+        if fresh or key != self._batch_key:
+            seen = [s.seen for s in seqs] if any(s.seen is not None for s in seqs) else None
+            if seen is not None:
+                seen = [row if row is not None else torch.zeros(self.vocab, dtype=torch.bool, device=self.device) for row in seen]
+            params = BatchParams.build([s.params for s in seqs], seen, self.device)
+            if params.seen is not None:
+                for i, seq in enumerate(seqs):
+                    if seq.seen is not None:
+                        seq.seen = params.seen[i]  # the batch tensor is updated in place each step
+            if fresh:
+                return params
+            self._batch_key, self._batch_params = key, params
+        return self._batch_params
+
+    def _bans(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """n-gram bans, for the rare rows that ask for them (host work per such row)."""
+        rows = [(i, s) for i, s in enumerate(seqs) if s.params.no_repeat_ngram_size]
+        if not rows:
+            return None
+        banned = torch.zeros((len(seqs), self.vocab), dtype=torch.bool)
+        for i, seq in rows:
+            tokens = banned_ngram_tokens(seq.request.prompt_ids + seq.generated, seq.params.no_repeat_ngram_size)
+            banned[i, tokens] = True
+        return banned.to(self.device)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """Take one generated token: update text, stream what is safe, finish if it is time."""
+        if token == BAD_ROW:
+            self._fail([seq], "generation failed: the model produced non-finite logits (NaN or infinity) for this request")
+            return
         seq.generated.append(token)
-        row = seq.row
-        row.token_ids.append(token)
-        row.generated += 1
-        if row.seen is not None:
-            row.seen[token] = True
         if token in self.eos_ids:
             self._finish(seq, "eos")
             return
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd") and row.generated < seq.request.config.max_new_tokens:
-            return  # an incomplete multi-byte character: wait for the rest
-        seq.text = text
-        stop_at = _find_stop(text, seq.request.stop)
-        if stop_at is not None:
-            seq.text = text[:stop_at]
+        seq.text.add(token)
+        if seq.text.stopped:
             self._finish(seq, "stop")
-        elif row.generated >= seq.request.config.max_new_tokens:
+        elif len(seq.generated) >= seq.slot.max_new_tokens:
             self._finish(seq, "length")
         else:
-            self._emit(seq, _streamable_length(text, seq.request.stop))
+            delta = seq.text.delta()
+            if delta:
+                self._send(seq, Delta(delta))
 
-    def _emit(self, seq: Sequence, upto: int) -> None:
-        visible = seq.text.lstrip()
-        upto = min(upto - (len(seq.text) - len(visible)), len(visible.rstrip()))
-        if upto > seq.emitted:
-            seq.sink(Delta(visible[seq.emitted : upto]))
-            seq.emitted = upto
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self._emit(seq, len(seq.text))
-        seq.finish_reason = reason
-        seq.sink(
-            Completion(
-                text=seq.text.strip(),
-                finish_reason=reason,
-                prompt_tokens=len(seq.request.prompt_ids),
-                completion_tokens=len(seq.generated),
-                token_ids=list(seq.generated),
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_SECONDS or not log.isEnabledFor(logging.DEBUG):
+            return
+        self._last_progress = now
+        for seq in self.scheduler.running:
+            elapsed = now - seq.submitted
+            log.debug(
+                "request %d: %d of %d tokens after %.0f s (%.1f tokens/s)",
+                seq.id, len(seq.generated), seq.slot.max_new_tokens, elapsed, len(seq.generated) / elapsed,
             )
-        )
 
-    def _remove_finished(self) -> None:
-        """Drop finished rows at once (highest first, so the rows moved into gaps are live ones)."""
-        for row in reversed(range(len(self._active))):
-            if self._active[row].finish_reason is not None:
-                moved = self._cache.remove_row(row)
-                self._active[row] = self._active[moved]
-                self._active.pop()
-
+    # ----------------------------------------------------------------- beam search
     def _run_beam_search(self, seqs: list[Sequence]) -> None:
-        """Beam search through ``model.generate``, serialized on the engine thread."""
+        """Beam search through ``model.generate``, on the engine thread; it stops early when the
+        job is cancelled or runs past its time limit."""
         (seq,) = seqs
+        self.scheduler.prefilling.remove(seq)
+        self.scheduler.running.append(seq)  # counted as running while it runs
         config = seq.request.config
         sampling = {}
         if config.sampling:
-            sampling = {"do_sample": True, "temperature": seq.row.temperature, "top_k": seq.row.top_k, "top_p": seq.row.top_p}
-            if config.seed is not None:
-                torch.manual_seed(config.seed)
+            sampling = {"do_sample": True, "temperature": seq.params.temperature, "top_k": seq.params.top_k, "top_p": seq.params.top_p}
+            torch.manual_seed(seq.params.seed)
+        deadline = seq.submitted + self.config.max_job_seconds if self.config.max_job_seconds else None
         input_ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            num_beams=config.num_beams,
-            max_new_tokens=config.max_new_tokens,
-            min_new_tokens=config.min_new_tokens,
-            repetition_penalty=config.repetition_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            early_stopping=True,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            **sampling,
-            **self._adapter_kwargs(seqs),
-        )
+        context, kwargs, _ = adapter_state(self.model, [seq.request.adapter])
+        with context():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                num_beams=config.num_beams,
+                max_new_tokens=config.max_new_tokens,
+                min_new_tokens=config.min_new_tokens,
+                repetition_penalty=config.repetition_penalty,
+                no_repeat_ngram_size=config.no_repeat_ngram_size,
+                early_stopping=True,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([_StopWhen(seq.handle, deadline)]),
+                **sampling,
+                **kwargs,
+            )
+        if seq.handle.cancelled.is_set():
+            self._release(seq, "cancelled")
+            return
         for token in output[0, input_ids.shape[1] :].tolist():
             self._accept(seq, token)
             if seq.finish_reason is not None:
-                break
-        if seq.finish_reason is None:
-            self._finish(seq, "length")
+                return
+        self._finish(seq, "time_limit" if deadline and time.monotonic() > deadline else "length")
 
 
-def _release_accelerator_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+class _StopWhen(StoppingCriteria):
+    """Ends ``generate`` when the request is cancelled or past its deadline."""
+
+    def __init__(self, handle: RequestHandle, deadline: float | None) -> None:
+        self.handle = handle
+        self.deadline = deadline
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        stop = self.handle.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    positions = [text.find(stop) for stop in stops]
-    found = [p for p in positions if p >= 0]
-    return min(found) if found else None
+def _pool_index(seq: Sequence, position: int) -> int:
+    """Where the token at ``position`` of ``seq`` lives in the flat pool."""
+    return seq.slot.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
 
 
-def _streamable_length(text: str, stops: tuple[str, ...]) -> int:
-    """How much of ``text`` can be sent: all but a tail that could still grow into a stop string."""
-    held = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:size]):
-                held = size
-                break
-    return len(text) - held
+def _pad_tables(tables: list[list[int]]) -> None:
+    width = max(len(t) for t in tables)
+    for table in tables:
+        table += [SCRATCH_BLOCK] * (width - len(table))
+
+
+def _activation_dtype(model) -> torch.dtype:
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -495,7 +619,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]

@@ -1,142 +1,144 @@
-"""The running batch's KV cache: one row (slot) per request, each with its own length.
+"""The KV cache: a pool of fixed-size blocks, allocated once, and the host-side block allocator.
 
-Why not transformers' ``DynamicCache``: its ``update`` concatenates every step, copying the whole
-cache and allocating a fresh multi-megabyte tensor per layer; with rows joining and leaving, a
-left-padded cache also has to be rebuilt whole at every join and every leave. Measured on the
-project's CPU at 32 concurrent requests, those copies and the page faults of the allocations
-made 32 concurrent requests slower than 8.
+Each layer owns two tensors ``[blocks * BLOCK_SIZE, kv_heads, head_dim]`` (keys, values), sized
+at start from the memory budget and never grown. A request owns a list of blocks (its block
+table), reserved whole when it is admitted (prompt + ``max_new_tokens``), so a running request
+can never run out of room and nothing is ever preempted; a request that does not fit waits.
+Block 0 is scratch: padding rows and padding tokens write there and read from there.
 
-Here each layer owns a buffer ``[slots, kv_heads, capacity, head_dim]``. A row's tokens sit at
-positions ``0..length-1``; a decoding step writes each row's new key/value at its own length (one
-small scatter) and hands attention a view up to the longest row, with a mask for the shorter
-ones. A joining request copies only its own prompt's keys/values into a free slot; a leaving
-request's slot is filled by moving the last row into it. Buffers grow rarely, with headroom.
+Attention reads a row's keys and values by gathering its blocks (``PoolView.update``) into a
+``[rows, kv_heads, blocks * BLOCK_SIZE, head_dim]`` tensor for the model's own attention; a
+query at position ``p`` sees keys ``0..p``, which masks both padding and unwritten positions.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
+import logging
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-POSITION_HEADROOM = 128
-SLOT_GRANULE = 8
+log = logging.getLogger(__name__)
 
-
-class SlotLayer(DynamicLayer):
-    """One layer's storage; the positions to write come from the owning ``SlotCache``."""
-
-    def __init__(self, owner: SlotCache) -> None:
-        super().__init__()
-        self.owner = owner
-        self.store_keys: torch.Tensor | None = None
-        self.store_values: torch.Tensor | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        owner = self.owner
-        rows = torch.arange(owner.rows, device=key_states.device)
-        self.store_keys[rows, :, owner.lengths] = key_states[:, :, 0]
-        self.store_values[rows, :, owner.lengths] = value_states[:, :, 0]
-        self.keys = self.store_keys[: owner.rows, :, : owner.view_length]
-        self.values = self.store_values[: owner.rows, :, : owner.view_length]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.owner.view_length - 1
-
-    def grow(self, slots: int, positions: int, like: torch.Tensor, used_rows: int, used_positions: int) -> None:
-        keys = like.new_zeros((slots, like.shape[1], positions, like.shape[3]))
-        values = like.new_zeros((slots, like.shape[1], positions, like.shape[3]))
-        if self.store_keys is not None and used_rows:
-            keys[:used_rows, :, :used_positions] = self.store_keys[:used_rows, :, :used_positions]
-            values[:used_rows, :, :used_positions] = self.store_values[:used_rows, :, :used_positions]
-        self.store_keys, self.store_values = keys, values
-        self.is_initialized = True
-        self.device = keys.device
+BLOCK_SIZE = 16
+SCRATCH_BLOCK = 0
 
 
-class SlotCache(DynamicCache):
-    """A ``DynamicCache`` whose rows are requests that join and leave independently."""
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
-    def __init__(self, num_layers: int, device: torch.device) -> None:
-        super().__init__()
-        self.layers = [SlotLayer(self) for _ in range(num_layers)]
-        self.lengths = torch.zeros(0, dtype=torch.long, device=device)
+    @classmethod
+    def of(cls, model: torch.nn.Module, dtype: torch.dtype) -> KVShape:
+        config = model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim, dtype)
 
     @property
-    def rows(self) -> int:
-        return self.lengths.shape[0]
+    def bytes_per_token(self) -> int:
+        """Keys and values of one token across all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK_SIZE)
+
+
+class BlockAllocator:
+    """Free blocks, on the host. All-or-nothing reservations."""
+
+    def __init__(self, blocks: int) -> None:
+        self.total = blocks - 1  # block 0 is scratch
+        self._free = list(range(blocks - 1, SCRATCH_BLOCK, -1))
 
     @property
-    def view_length(self) -> int:
-        """Positions attention sees during the next step: the longest row plus its new token."""
-        return int(self.lengths.max()) + 1 if self.rows else 0
+    def free(self) -> int:
+        return len(self._free)
 
-    def attention_mask(self) -> torch.Tensor:
-        """[rows, view_length]: 1 where a row has a token (its new one included)."""
-        positions = torch.arange(self.view_length, device=self.lengths.device)
-        return (positions[None, :] <= self.lengths[:, None]).long()
+    def reserve(self, count: int) -> list[int] | None:
+        if count > len(self._free):
+            return None
+        taken = self._free[-count:] if count else []
+        del self._free[len(self._free) - count :]
+        return taken
 
-    def prepare_step(self) -> None:
-        """Make room for one more token in every row."""
-        self._ensure(self.rows, self.view_length)
-
-    def advance(self) -> None:
-        self.lengths += 1
-
-    def add_rows(self, prefilled: DynamicCache, prompt_lengths: list[int]) -> None:
-        """Copy the rows of a left-padded prefill cache into new slots."""
-        start = self.rows
-        self._ensure(start + len(prompt_lengths), max(prompt_lengths), like=prefilled.layers[0].keys)
-        for layer, source in zip(self.layers, prefilled.layers):
-            for offset, length in enumerate(prompt_lengths):
-                layer.store_keys[start + offset, :, :length] = source.keys[offset, :, -length:]
-                layer.store_values[start + offset, :, :length] = source.values[offset, :, -length:]
-        added = torch.tensor(prompt_lengths, dtype=torch.long, device=self.lengths.device)
-        self.lengths = torch.cat([self.lengths, added])
-
-    def remove_row(self, row: int) -> int:
-        """Free ``row`` by moving the last row into it; returns the index of the row that moved."""
-        last = self.rows - 1
-        if row != last:
-            length = int(self.lengths[last])
-            for layer in self.layers:
-                layer.store_keys[row, :, :length] = layer.store_keys[last, :, :length]
-                layer.store_values[row, :, :length] = layer.store_values[last, :, :length]
-            self.lengths[row] = self.lengths[last]
-        self.lengths = self.lengths[:last]
-        if not self.rows:
-            self._release()
-        return last
-
-    def _release(self) -> None:
-        """Drop the buffers when the batch empties: one long prompt grows them for everyone
-        (32 slots x 1,500 positions is a gigabyte), and the next burst should start small."""
-        for layer in self.layers:
-            layer.store_keys = layer.store_values = layer.keys = layer.values = None
-        return_freed_memory()
-
-    def _ensure(self, rows: int, positions: int, like: torch.Tensor | None = None) -> None:
-        store = self.layers[0].store_keys
-        if store is not None and rows <= store.shape[0] and positions <= store.shape[2]:
-            return
-        slots = max(rows, store.shape[0] if store is not None else 0)
-        slots = -(-slots // SLOT_GRANULE) * SLOT_GRANULE
-        capacity = max(positions + POSITION_HEADROOM, store.shape[2] if store is not None else 0)
-        used_positions = int(self.lengths.max()) if self.rows else 0
-        for layer in self.layers:
-            template = like if layer.store_keys is None else layer.store_keys
-            layer.grow(slots, capacity, template, self.rows, used_positions)
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
 
 
-def return_freed_memory() -> None:
-    """glibc keeps freed heap pages for reuse; an idle worker should give a burst's buffers back
-    (measured: 0.76 GB before a 200-job burst, 2.06 GB after, without this)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.util.find_library("c")
-        if libc:
-            ctypes.CDLL(libc).malloc_trim(0)
+class KVPool:
+    """Every layer's key and value storage, allocated once."""
+
+    def __init__(self, shape: KVShape, blocks: int, device: torch.device) -> None:
+        self.shape = shape
+        self.blocks = blocks
+        size = (blocks * BLOCK_SIZE, shape.kv_heads, shape.head_dim)
+        # zeros, not empty: masked positions still enter attention as 0 * value, and garbage could be NaN
+        self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.blocks - 1) * BLOCK_SIZE
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks * BLOCK_SIZE * self.shape.bytes_per_token
+
+
+class PoolView:
+    """What the model's layers see as their cache for one forward pass.
+
+    ``update`` is called by every attention layer with the new keys/values ``[rows, kv_heads,
+    width, head_dim]``: it writes them at ``write_index`` (flat pool positions, ``rows * width``)
+    and returns each row's whole context, gathered at ``read_index`` (``rows * context``)."""
+
+    def __init__(self, pool: KVPool, write_index: torch.Tensor, read_index: torch.Tensor, rows: int) -> None:
+        self.pool = pool
+        self.write_index = write_index
+        self.read_index = read_index
+        self.rows = rows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        heads, dim = keys.shape[1], keys.shape[2]
+        keys.index_copy_(0, self.write_index, key_states.transpose(1, 2).reshape(-1, heads, dim))
+        values.index_copy_(0, self.write_index, value_states.transpose(1, 2).reshape(-1, heads, dim))
+        context = keys.index_select(0, self.read_index).view(self.rows, -1, heads, dim).transpose(1, 2)
+        context_values = values.index_select(0, self.read_index).view(self.rows, -1, heads, dim).transpose(1, 2)
+        return context, context_values
+
+
+def kv_budget_blocks(
+    shape: KVShape,
+    device: torch.device,
+    *,
+    kv_cache_tokens: int | None,
+    gpu_memory_utilization: float,
+    reserved_bytes: int = 0,
+) -> int:
+    """How many blocks the pool gets (scratch included).
+
+    ``KV_CACHE_TOKENS`` wins when set. Otherwise on CUDA: what is left of
+    ``GPU_MEMORY_UTILIZATION`` of the card once the weights are loaded and ``reserved_bytes``
+    (the measured peak of a worst-case step) are set aside. On the CPU: a default of 32,768
+    tokens, at most 4 GiB."""
+    if kv_cache_tokens is not None:
+        return blocks_for(kv_cache_tokens) + 1
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used_by_others = total - free  # weights, the CUDA context, other processes
+        available = int(total * gpu_memory_utilization) - used_by_others - reserved_bytes
+        if available < BLOCK_SIZE * shape.bytes_per_token * 2:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x GPU_MEMORY_UTILIZATION="
+                f"{gpu_memory_utilization} leaves {available / 2**30:.2f} GiB after the weights "
+                f"({used_by_others / 2**30:.1f} GiB in use) and {reserved_bytes / 2**30:.2f} GiB of activations"
+            )
+        return available // (BLOCK_SIZE * shape.bytes_per_token)
+    tokens = min(32_768, 4 * 2**30 // shape.bytes_per_token)
+    return blocks_for(tokens) + 1

@@ -1,46 +1,149 @@
-"""Choosing the next token for every row of a batch, each row with its own settings.
+"""The sampler: logits of every running row in, one token id per row out, as tensor work.
 
-Small pure functions, applied in the order transformers' ``generate`` applies its processors:
-repetition penalty, n-gram ban, minimum length; then temperature, top-k, top-p. Rows that share a
-step never share state: a row's penalty, seed and limits touch only that row, so a request's
-answer does not depend on who else is in the batch.
+Every row carries its own settings (temperature, top-k, top-p, repetition penalty, minimum
+length, seed) in small per-batch tensors, so a step samples all rows with the same handful of
+kernels whatever their mix: no per-row Python and no host round trip. Processors apply in the
+order of transformers' ``generate``: repetition penalty, bans (n-grams, end-of-sequence before
+``min_new_tokens``), then temperature, top-k, top-p.
+
+Randomness is counter-based (vLLM's and JAX's idea): the noise of token ``t`` at a row's step
+``n`` is a hash of ``(seed, n, t)``. So a seeded answer does not depend on which other rows share
+the step, nor on how many steps the engine ran before; a sampled token is the winner of an
+exponential race (``argmax p / E``, equivalent to drawing from ``p``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import secrets
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
+BAD_ROW = -1  # the token reported for a row whose logits were not finite
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding settings, as the sampler needs them."""
+
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    seed: int = 0
+
+    @staticmethod
+    def random_seed() -> int:
+        return secrets.randbits(63)
+
 
 @dataclass
-class RowSampling:
-    """What the sampler needs of one running sequence."""
+class BatchParams:
+    """The running rows' settings as device tensors; rebuilt only when the batch changes."""
 
-    token_ids: list[int]  # prompt and generated tokens, for penalties and n-gram bans
-    generated: int
-    sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    min_new_tokens: int
-    generator: torch.Generator | None
-    seen: torch.Tensor | None = field(default=None, repr=False)  # bool [vocab], only with a penalty
+    sample: torch.Tensor  # bool [rows]
+    any_sample: bool
+    temperature: torch.Tensor  # float [rows]
+    top_k: torch.Tensor  # long [rows]
+    top_p: torch.Tensor  # float [rows]
+    penalty: torch.Tensor | None  # float [rows], only when some row has one
+    seen: torch.Tensor | None  # bool [rows, vocab], only when some row has a penalty
+    min_new_tokens: torch.Tensor  # long [rows]
+    seed: torch.Tensor  # long [rows]
+
+    @classmethod
+    def build(cls, params: Seq[SamplingParams], seen_rows: list[torch.Tensor] | None, device: torch.device) -> BatchParams:
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        penalized = any(p.repetition_penalty != 1.0 for p in params)
+        return cls(
+            sample=tensor([p.sample for p in params], torch.bool),
+            any_sample=any(p.sample for p in params),
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.long),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            penalty=tensor([p.repetition_penalty for p in params], torch.float32) if penalized else None,
+            seen=torch.stack(seen_rows) if penalized and seen_rows else None,
+            min_new_tokens=tensor([p.min_new_tokens for p in params], torch.long),
+            seed=tensor([p.seed for p in params], torch.long),
+        )
 
 
-def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampling]) -> None:
-    """CTRL-style penalty, in place: divide positive logits of seen tokens, multiply negative ones."""
-    picked = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0]
-    if not picked:
-        return
-    index = torch.tensor(picked, device=logits.device)
-    seen = torch.stack([rows[i].seen for i in picked])
-    penalty = torch.tensor([rows[i].repetition_penalty for i in picked], device=logits.device)[:, None]
-    part = logits[index]
-    penalized = torch.where(part > 0, part / penalty, part * penalty)
-    logits[index] = torch.where(seen, penalized, part)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style: divide positive logits of seen tokens by the row's penalty, multiply negative ones."""
+    penalty = penalty[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def ban_early_end(logits: torch.Tensor, generated: torch.Tensor, min_new_tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """No end-of-sequence before a row has made ``min_new_tokens`` tokens (``eos``: bool [vocab])."""
+    early = (generated < min_new_tokens)[:, None] & eos[None, :]
+    return logits.masked_fill(early, -float("inf"))
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Per-row temperature, top-k (0: off) and top-p (1: off); returns probabilities sorted
+    descending, and the token id at each sorted position."""
+    scaled = logits / temperature[:, None]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, sorted_logits.shape[-1])[:, None]
+    sorted_logits = sorted_logits.masked_fill(rank >= k, -float("inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    return probs, order
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors (logical shifts emulated with masks)."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * _MIX2
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def exponential_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [rows, n] that depends only on each row's seed and step, and the token id."""
+    row_key = _mix(seed * _GOLDEN + _mix(step + 1))
+    bits = _mix(row_key[:, None] + token_ids * _GOLDEN)
+    uniform = (((bits >> 40) & 0xFFFFFF).float() + 0.5) / 2**24  # in (0, 1)
+    return -torch.log(uniform)
+
+
+def sample(logits: torch.Tensor, params: BatchParams, generated: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of every row (long [rows]); ``BAD_ROW`` where the logits were not finite.
+
+    ``generated``: tokens each row has made so far (its step); ``banned``: optional bool
+    [rows, vocab] of tokens a row may not pick (n-gram bans)."""
+    logits = logits.float()
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)
+    if params.penalty is not None:
+        logits = apply_repetition_penalty(logits, params.seen, params.penalty)
+    if banned is not None:
+        logits = logits.masked_fill(banned, -float("inf"))
+    logits = ban_early_end(logits, generated, params.min_new_tokens, eos)
+    chosen = logits.argmax(dim=-1)
+    if params.any_sample:
+        probs, order = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+        noise = exponential_noise(params.seed, generated, order)
+        drawn = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
+        chosen = torch.where(params.sample, drawn, chosen)
+    if params.seen is not None:
+        params.seen.scatter_(1, chosen[:, None], True)
+    return chosen.masked_fill(bad, BAD_ROW)
 
 
 def banned_ngram_tokens(token_ids: list[int], size: int) -> list[int]:
@@ -53,49 +156,3 @@ def banned_ngram_tokens(token_ids: list[int], size: int) -> list[int]:
         for start in range(len(token_ids) - size + 1)
         if tuple(token_ids[start : start + size - 1]) == prefix
     ]
-
-
-def apply_bans(logits: torch.Tensor, rows: list[RowSampling], eos_ids: list[int]) -> None:
-    """In place: forbid repeated n-grams and end-of-sequence before ``min_new_tokens``."""
-    for i, row in enumerate(rows):
-        if row.no_repeat_ngram_size:
-            banned = banned_ngram_tokens(row.token_ids, row.no_repeat_ngram_size)
-            if banned:
-                logits[i, banned] = -float("inf")
-        if row.generated < row.min_new_tokens:
-            logits[i, eos_ids] = -float("inf")
-
-
-def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
-    """Per-row temperature, top-k (0: off) and top-p (1: off); returns probabilities sorted
-    descending, and the token id of each sorted position."""
-    scaled = logits / temperature[:, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, sorted_logits.shape[-1])[:, None]
-    sorted_logits = sorted_logits.masked_fill(rank >= k, -float("inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
-    return probs, order
-
-
-def next_tokens(logits: torch.Tensor, rows: list[RowSampling], eos_ids: list[int]) -> list[int]:
-    """The next token of every row: argmax for greedy rows, a draw from each row's own generator otherwise."""
-    logits = logits.float()
-    apply_repetition_penalty(logits, rows)
-    apply_bans(logits, rows, eos_ids)
-    chosen = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if row.sample]
-    if sampled:
-        device = logits.device
-        probs, order = logits_to_probs(
-            logits[sampled],
-            torch.tensor([rows[i].temperature for i in sampled], device=device),
-            torch.tensor([rows[i].top_k for i in sampled], device=device),
-            torch.tensor([rows[i].top_p for i in sampled], device=device),
-        )
-        for j, i in enumerate(sampled):
-            position = torch.multinomial(probs[j], 1, generator=rows[i].generator)
-            chosen[i] = order[j, position]
-    return chosen.tolist()

@@ -1,0 +1,83 @@
+"""Token ids to answer text, one token at a time, with stop strings and safe streaming.
+
+Incremental detokenisation as in TGI and vLLM: decode only a short window of tokens (from
+``prefix_offset``) and keep the part past what was already read. A token that ends inside a
+multi-byte character decodes to U+FFFD; its text waits for the next token, and if the answer ends
+there the incomplete character is dropped. Each token costs work bounded by the window, not by the
+answer's length; the answer is the concatenation of the pieces, so streamed deltas join exactly
+to the final text.
+
+Streaming rules: leading and trailing whitespace are not part of the answer; a tail that could
+still grow into a stop string is held back; nothing at or past a stop string is ever sent.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class AnswerText:
+    """The text of one answer as its tokens arrive."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.longest_stop = max((len(s) for s in stops), default=0)
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.stopped = False
+        self.sent = 0  # characters of the stripped answer already streamed
+        self._lead = None  # leading whitespace to skip, known once a visible character arrives
+
+    def add(self, token: int) -> None:
+        """Take one token; sets ``stopped`` (and cuts the text) when a stop string appears."""
+        self.tokens.append(token)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        window = self._decode(self.tokens[self.prefix_offset :])
+        if len(window) <= len(prefix) or window.endswith(REPLACEMENT):
+            return  # nothing new yet, or an incomplete multi-byte character: wait for the rest
+        before = len(self.text)
+        self.text += window[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        if self.stops:
+            start = max(0, before - self.longest_stop + 1)
+            found = [at for at in (self.text.find(stop, start) for stop in self.stops) if at >= 0]
+            if found:
+                self.text = self.text[: min(found)]
+                self.stopped = True
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @property
+    def answer(self) -> str:
+        return self.text.strip()
+
+    def delta(self, final: bool = False) -> str:
+        """What may be streamed now that was not sent yet (everything that is left, when ``final``)."""
+        if self._lead is None:
+            stripped = self.text.lstrip()
+            if not stripped:
+                return ""
+            self._lead = len(self.text) - len(stripped)
+        end = len(self.text.rstrip())
+        if not final and not self.stopped:
+            end = min(end, len(self.text) - self._held_back())
+        end -= self._lead
+        if end <= self.sent:
+            return ""
+        piece = self.text[self._lead + self.sent : self._lead + end]
+        self.sent = end
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the tail that could still become the start of a stop string."""
+        held = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:size]):
+                    held = size
+                    break
+        return held
