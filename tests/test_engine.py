@@ -1,10 +1,15 @@
 """Generation through the engine: decoding settings, finish reasons, batching, streaming."""
 
 import asyncio
+import shutil
 import threading
+import time
 
-from conftest import job, seed_tasks
+import pytest
 
+from conftest import concurrently, job, seed_tasks
+
+from llm_worker.kv_cache import BLOCK_SIZE
 from llm_worker.service import collect
 
 FRANCE = "What is the capital of France?"
@@ -189,3 +194,177 @@ def test_cancelled_request_leaves_the_batch(worker):
 
     assert asyncio.run(run())
     assert "Paris" in worker.complete(job(FRANCE, max_new_tokens=32))["output"]
+
+
+# ------------------------------------------------------------------ KV budget, chunked prefill, faults
+def watch_running(worker, stop: threading.Event, seen: list[int]) -> threading.Thread:
+    def watch():
+        while not stop.is_set():
+            seen.append(worker.engine.running)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def test_a_budget_for_four_sequences_serves_sixteen_jobs_four_at_a_time(started, fp32_worker):
+    tasks = seed_tasks(16, skip=30)
+    prompts = [len(fp32_worker.prepare({"prompt_config": task})[1].prompt_ids) for task in tasks]
+    per_job = -(-(max(prompts) + 12) // BLOCK_SIZE) * BLOCK_SIZE
+    # every job's prompt + max_new_tokens is exactly one sequence of the budget
+    jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": per_job - n}} for task, n in zip(tasks, prompts)]
+    small = started(dtype="float32", kv_cache_tokens=4 * per_job)
+    assert small.engine.capacity_tokens == 4 * per_job
+    solo = [fp32_worker.complete(j) for j in jobs]
+    stop, seen = threading.Event(), []
+    watcher = watch_running(small, stop, seen)
+    together = concurrently(small, jobs)
+    stop.set()
+    watcher.join()
+    assert together == solo
+    assert max(seen) <= 4 and 4 in seen
+
+
+def test_a_job_that_can_never_fit_is_refused_with_both_numbers(started):
+    small = started(dtype="float32", kv_cache_tokens=256)
+    result = small.complete(job(FRANCE, max_new_tokens=300))
+    prompt = len(small.prepare(job(FRANCE))[1].prompt_ids)
+    assert result["error"].startswith("generation_config.max_new_tokens: ")
+    assert f"({prompt} tokens) plus max_new_tokens (300)" in result["error"]
+    assert "256 tokens" in result["error"]
+    assert "Paris" in small.complete(job(FRANCE, max_new_tokens=32))["output"]
+
+
+def test_a_running_stream_keeps_moving_while_a_burst_of_long_prompts_is_prefilled(worker):
+    """Chunked prefill: 8 prompts of ~600 tokens are ~10 prefill budgets; the running stream gets
+    tokens between those chunks instead of waiting for all of them."""
+    long_prompt = " ".join(task["instruction"] for task in seed_tasks(40))
+    burst = [job(f"{i}: {long_prompt}"[:2400], max_new_tokens=1) for i in range(8)]
+    assert len(worker.prepare(burst[0])[1].prompt_ids) > 400
+
+    async def scenario():
+        arrivals = []
+
+        async def stream():
+            request = {**job("Tell me a long story about dragons.", max_new_tokens=300, min_new_tokens=300), "stream": True}
+            async for chunk in worker.handle(request):
+                arrivals.append(time.monotonic())
+
+        streaming = asyncio.create_task(stream())
+        while len(arrivals) < 3:
+            await asyncio.sleep(0.01)
+        started_at = time.monotonic()
+        results = await asyncio.gather(*(collect(worker.handle(b)) for b in burst))
+        ended_at = time.monotonic()
+        streaming.cancel()
+        return results, [t for t in arrivals if started_at < t < ended_at]
+
+    results, during = asyncio.run(scenario())
+    assert all(r["usage"]["completion_tokens"] == 1 for r in results)
+    assert len(during) >= 5, f"the running stream got {len(during)} tokens while the burst was prefilled"
+
+
+@pytest.fixture
+def nan_for_poison(fp32_worker):
+    """Make the model's logits NaN for rows whose input holds a poison token sequence."""
+    model = fp32_worker.loaded.model
+    poison = fp32_worker.loaded.tokenizer("Zebra-quokka-poison", add_special_tokens=False)["input_ids"]
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        output = original(*args, **kwargs)
+        for row, ids in enumerate(kwargs["input_ids"].tolist()):
+            if any(ids[i : i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1)):
+                output.logits[row] = float("nan")
+        return output
+
+    model.forward = forward
+    yield
+    del model.forward
+
+
+def test_nan_logits_fail_only_their_row(fp32_worker, nan_for_poison):
+    requests = [job(t["instruction"], max_new_tokens=20) for t in seed_tasks(3, skip=50)]
+    solo = [fp32_worker.complete(r) for r in requests]
+    results = concurrently(fp32_worker, [*requests, job("Zebra-quokka-poison", max_new_tokens=20)])
+    assert results[:3] == solo
+    assert "non-finite logits" in results[3]["error"]
+    assert fp32_worker.complete(requests[0]) == solo[0]
+
+
+def test_a_caller_that_disappears_mid_stream_costs_only_its_request(fp32_worker):
+    requests = [fp32_worker.prepare(job(t["instruction"], max_new_tokens=24))[1] for t in seed_tasks(3, skip=60)]
+    solo = [fp32_worker.engine.generate(r) for r in requests]
+    gone = fp32_worker.prepare(job("Tell me a long story about dragons.", max_new_tokens=200, min_new_tokens=200))[1]
+    calls = []
+
+    def vanishing_sink(event):
+        calls.append(event)
+        if len(calls) >= 3:
+            raise RuntimeError("Event loop is closed")  # what a sink whose caller has gone raises
+
+    fp32_worker.engine.submit(gone, vanishing_sink)
+    results = [None] * 3
+
+    def run(i):
+        results[i] = fp32_worker.engine.generate(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.token_ids for r in results] == [s.token_ids for s in solo]
+    deadline = time.monotonic() + 5
+    while fp32_worker.engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fp32_worker.engine.running == 0
+    assert len(calls) == 3, "no event may go to a caller that is gone"
+
+
+def test_close_with_jobs_in_flight_answers_each_with_an_error(started):
+    closing = started(dtype="float32", max_batch_size=2)
+    requests = [job(f"Tell me a long story about {animal}.", max_new_tokens=400, min_new_tokens=400) for animal in ("cats", "dogs", "owls", "bees")]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = closing.complete(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    while closing.engine.running < 2:
+        time.sleep(0.05)
+    closing.close()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a job hung after close()"
+    assert all("shutting down" in r["error"] for r in results), results
+    assert "stopped" in closing.complete(job(FRANCE))["error"]
+
+
+def test_a_job_for_a_busy_adapter_does_not_delay_a_base_job_behind_it(started, pirate_adapter, robot_adapter, tmp_path):
+    for adapter in (pirate_adapter, robot_adapter):
+        shutil.copytree(adapter, tmp_path / adapter.name)
+    one_slot = started(dtype="float32", adapter_dir=tmp_path, max_loaded_adapters=1)
+    finished = {}
+
+    def run(name, request):
+        one_slot.complete(request)
+        finished[name] = time.monotonic()
+
+    long_pirate = {**job("Tell me a long story about dragons.", max_new_tokens=120, min_new_tokens=120), "adapter": "pirate"}
+    robot = {**job(FRANCE, max_new_tokens=8), "adapter": "robot"}
+    base = job(FRANCE, max_new_tokens=8)
+    threads = [threading.Thread(target=run, args=("pirate", long_pirate))]
+    threads[0].start()
+    while one_slot.engine.running == 0:
+        time.sleep(0.02)
+    for name, request in (("robot", robot), ("base", base)):
+        threads.append(threading.Thread(target=run, args=(name, request)))
+        threads[-1].start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=180)
+    assert finished["base"] < finished["pirate"] < finished["robot"]

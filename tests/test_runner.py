@@ -1,0 +1,109 @@
+"""The step runner's forward pass over the paged KV pool: exact, and free of host synchronisation."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llm_worker.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
+from llm_worker.runner import StepInputs, StepRunner, block_buckets, forward_step, row_buckets
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A two-layer LLaMA with grouped-query attention (4 heads, 2 KV heads), random weights."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def fresh_pool(model, blocks=32):
+    return KVPool(KVShape.of(model, torch.float32), blocks, torch.device("cpu"))
+
+
+def long(values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def prefill_and_decode(model, pool, prompt, steps, blocks, chunk=None):
+    """Feed ``prompt`` (in chunks of ``chunk`` tokens) then ``steps`` greedy tokens through
+    ``forward_step``; returns the logits of every position after the prompt's last token."""
+    chunk = chunk or len(prompt)
+    outputs = []
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start : start + chunk]
+        positions = list(range(start, start + len(piece)))
+        write = [blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in positions]
+        logits = forward_step(
+            model, pool, long([piece]), long([positions]), long(write), long([blocks[: blocks_for(start + len(piece))]])
+        )
+    outputs.append(logits[0])
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(outputs[-1].argmax()))
+        p = len(tokens) - 1
+        logits = forward_step(
+            model, pool, long([[tokens[-1]]]), long([[p]]),
+            long([blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE]), long([blocks[: blocks_for(p + 1)]]),
+        )
+        outputs.append(logits[0])
+    return tokens, torch.stack(outputs)
+
+
+def test_paged_steps_give_the_logits_of_a_plain_forward(tiny):
+    """Chunked prefill and decoding over scattered blocks equal one plain forward of the sequence."""
+    prompt = torch.randint(0, 256, (37,)).tolist()
+    with torch.inference_mode():
+        tokens, stepped = prefill_and_decode(tiny, fresh_pool(tiny), prompt, steps=20, blocks=[9, 3, 17, 5, 11], chunk=16)
+        plain = tiny(long([tokens])).logits[0, len(prompt) - 1 :]
+    torch.testing.assert_close(stepped, plain[: len(stepped)], rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_with_padding_rows_and_tables_gives_each_row_its_own_logits(tiny):
+    pool = fresh_pool(tiny)
+    a, b = torch.randint(0, 256, (20,)).tolist(), torch.randint(0, 256, (7,)).tolist()
+    with torch.inference_mode():
+        alone_a = tiny(long([a])).logits[0, -1]
+        alone_b = tiny(long([b])).logits[0, -1]
+        # left padding: b's pad tokens sit at position 0 and write to the scratch block
+        ids = long([a, [0] * 13 + b])
+        positions = long([list(range(20)), [0] * 13 + list(range(7))])
+        write = [4 * BLOCK_SIZE + p if p < 16 else 6 * BLOCK_SIZE + p - 16 for p in range(20)]
+        write += [0] * 13 + [8 * BLOCK_SIZE + p for p in range(7)]
+        tables = long([[4, 6], [8, 0]])
+        logits = forward_step(tiny, pool, ids, positions, long(write), tables)
+    torch.testing.assert_close(logits[0], alone_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], alone_b, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_compiles_as_one_graph(tiny):
+    """fullgraph=True fails on any graph break: a ``.item()``, ``.tolist()``, a data-dependent
+    branch, anything that would read the device from the host inside the step."""
+    pool = fresh_pool(tiny)
+    compiled = torch.compile(forward_step, fullgraph=True, backend="aot_eager")
+    rows, blocks = 3, 4
+    ids = torch.randint(0, 256, (rows, 1))
+    positions = long([[5], [17], [40]])
+    write = long([1 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE + 1, 7 * BLOCK_SIZE + 8])
+    table = long([[1, 0, 0, 0], [9, 2, 0, 0], [3, 5, 7, 0]])
+    with torch.inference_mode():
+        eager = forward_step(tiny, pool, ids, positions, write, table)
+        graphed = compiled(tiny, pool, ids, positions, write, table)
+    torch.testing.assert_close(graphed, eager)
+
+
+def test_runner_runs_unpadded_on_cpu(tiny):
+    runner = StepRunner(tiny, fresh_pool(tiny), torch.device("cpu"), max_rows=8, max_blocks=8, cuda_graphs=True)
+    assert not runner.use_graphs
+    with torch.inference_mode():
+        logits = runner.run(StepInputs([[1], [2]], [[0], [0]], [16, 32], [[1], [2]]), [None, None])
+    assert logits.shape == (2, 256)
+
+
+def test_graph_buckets_cover_every_batch_and_context():
+    assert row_buckets(128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    assert row_buckets(5) == [1, 2, 4, 5]
+    assert block_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert block_buckets(100)[-1] == 100

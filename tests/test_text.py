@@ -1,0 +1,79 @@
+"""Incremental answer text: deltas that join to the answer, whole characters only, stop strings."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from llm_worker.text import REPLACEMENT, AnswerText
+
+SAMPLES = [
+    "Bonjour, ça va très bien ! Déjà vu, naïve façade.",
+    "東京は日本の首都です。おやすみなさい。",
+    "Emoji: 🚀🔥👩‍💻 and 🇫🇷 flags, then plain text.",
+    "  leading spaces, a tab\tand\nnew lines\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+def feed(tokenizer, text, stops=()):
+    answer = AnswerText(tokenizer, stops)
+    deltas = []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        answer.add(token)
+        deltas.append(answer.delta())
+        if answer.stopped:
+            break
+    deltas.append(answer.delta(final=True))
+    return answer, deltas
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_deltas_join_to_the_full_decode(tokenizer, text):
+    answer, deltas = feed(tokenizer, text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(deltas) == answer.answer == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert REPLACEMENT not in "".join(deltas)
+
+
+def test_an_answer_cut_inside_a_character_drops_the_incomplete_character(tokenizer):
+    ids = tokenizer("おやすみなさい🚀", add_special_tokens=False)["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith(REPLACEMENT)]
+    assert cuts, "the sample should have tokens that end inside a character"
+    for n in cuts:
+        answer = AnswerText(tokenizer)
+        streamed = ""
+        for token in ids[:n]:
+            answer.add(token)
+            streamed += answer.delta()
+        streamed += answer.delta(final=True)
+        assert REPLACEMENT not in answer.answer and streamed == answer.answer
+        assert tokenizer.decode(ids[:n]).startswith(answer.answer)
+
+
+def test_stop_string_spanning_tokens_cuts_the_answer_and_never_streams_its_start(tokenizer):
+    text = "The answer is 42.\n### Explanation: more text here"
+    answer, deltas = feed(tokenizer, text, stops=("\n### ",))
+    assert answer.stopped
+    assert answer.answer == "The answer is 42."
+    streamed = "".join(deltas)
+    assert streamed == "The answer is 42."
+    for delta in deltas:
+        assert "#" not in delta
+
+
+def test_partial_stop_string_is_held_back_until_it_cannot_complete(tokenizer):
+    answer = AnswerText(tokenizer, ("STOP HERE",))
+    sent = ""
+    for token in tokenizer("go STOP HER", add_special_tokens=False)["input_ids"]:
+        answer.add(token)
+        sent += answer.delta()
+    assert sent == "go "  # "STOP HER" could still become the stop string
+    for token in tokenizer("X and on", add_special_tokens=False)["input_ids"]:
+        answer.add(token)
+        sent += answer.delta()
+    assert not answer.stopped
+    assert sent + answer.delta(final=True) == answer.answer
+    assert "STOP HERX" in answer.answer
