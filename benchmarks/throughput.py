@@ -1,14 +1,18 @@
-"""Throughput of the engine against the seed's way, on the same model, in one run.
+"""Throughput of the engine against the seed's way (and transformers' own batching), in one run.
 
-    python -m benchmarks.throughput [--requests 96] [--sequential-requests 16]
-                                    [--max-new-tokens 128] [--concurrency 1 8 32]
-                                    [--adapters 4] [--adapter-concurrency 32]
+    python -m benchmarks.throughput [--shape llama-7b|tiny] [--requests 96] [--sequential-requests 16]
+                                    [--max-new-tokens 128] [--concurrency 1 8 32 128]
+                                    [--adapters 4] [--adapter-concurrency 32] [--peer | --no-peer]
 
-The mixed-adapter run sends the concurrent workload spread over --adapters LoRA adapters (rank 8,
-q/v, random weights, made in a temporary ADAPTER_DIR) and compares it with the same workload on
-the base model alone, at --adapter-concurrency.
+Without --shape it serves the configured model (the embedded SmolLM2-135M by default) on the
+worker's device. With --shape it builds a LLaMA-shaped model with random weights on the device
+(CUDA when present), with the embedded tokenizer and no download, and every answer is exactly
+--max-new-tokens long. The seed's way (one ``model.generate`` after another) runs in a child
+process first: fp32 on the CPU, the worker's dtype on a GPU. --peer adds transformers'
+``generate_batch`` on the largest run's prompts (default: on with CUDA). The mixed-adapter run
+spreads the workload over --adapters random LoRA adapters (0: skip it).
 
-Prints a table, then (last line) one JSON object with the figures.
+Prints a line as each phase ends, then a table, then (last line) one JSON object with the figures.
 """
 
 import argparse
@@ -17,72 +21,127 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from llm_worker.benchmark import (
     alpaca_workload,
+    build_random_llama,
     format_table,
     make_random_adapters,
     memory_bandwidth_gb_s,
     run_handler,
     run_seed_baseline,
+    run_transformers_batch,
     weight_bytes,
 )
 from llm_worker.settings import Settings
-from model_cache import resolve_base_model
+from model_cache import prepare_default_model, resolve_base_model
+
+STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=96, help="requests per concurrent run (c > 1)")
+    parser.add_argument("--shape", choices=["llama-7b", "tiny"], help="random-weight LLaMA shape built on the device")
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrent run (at least 2x its concurrency)")
     parser.add_argument("--sequential-requests", type=int, default=16, help="requests for the seed baseline and c=1")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters in the mixed run (0: skip it)")
+    parser.add_argument("--adapters", type=int, help="LoRA adapters in the mixed run (0: skip it; default 4, 0 with --shape)")
     parser.add_argument("--adapter-concurrency", type=int, default=32)
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None, help="run generate_batch too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("llm_worker").setLevel(logging.INFO)  # load time, KV capacity, graph capture
+
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("DEVICE", "auto") != "cpu" else "cpu"
+    fixed_length = args.shape is not None
+    if args.shape:
+        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+        folder = Path(tempfile.mkdtemp(prefix=f"random-{args.shape}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        build_random_llama(args.shape, prepare_default_model(Settings()), folder, device, dtype)
+        os.environ.update(BASE_MODEL=str(folder), DTYPE=dtype)
+        say(f"built a random {args.shape} model in {folder} ({dtype}, {device})")
+    os.environ.setdefault("MAX_BATCH_SIZE", str(max(args.concurrency + [args.adapter_concurrency])))
+    model_dir = resolve_base_model(Settings())
+
+    sequential = alpaca_workload(args.sequential_requests, args.max_new_tokens, fixed_length=fixed_length)
+    concurrent = {
+        c: alpaca_workload(max(args.requests, 2 * c), args.max_new_tokens, fixed_length=fixed_length)
+        for c in args.concurrency if c > 1
+    }
+    worker_dtype = Settings().dtype
+    baseline_dtype = "float32" if device == "cpu" else (worker_dtype if worker_dtype != "auto" else "bfloat16")
+    baseline = run_seed_baseline(model_dir, sequential, device, baseline_dtype)
+    say(f"{baseline.label}: {baseline.tok_s:.1f} tok/s")
+    peer = None
+    if args.peer or (args.peer is None and device == "cuda"):
+        largest = concurrent[max(concurrent)] if concurrent else sequential
+        peer = run_transformers_batch(model_dir, largest, device, baseline_dtype)
+        say(f"{peer.label}, {peer.requests} requests: {peer.tok_s:.1f} tok/s")
 
     adapter_names = []
+    if args.adapters is None:
+        args.adapters = 0 if args.shape else 4
     if args.adapters:
         adapter_dir = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-        adapter_names = make_random_adapters(resolve_base_model(Settings()), adapter_dir, args.adapters)
+        adapter_names = make_random_adapters(model_dir, adapter_dir, args.adapters)
         os.environ["ADAPTER_DIR"] = str(adapter_dir)
 
+    started = time.perf_counter()
     import handler  # the real handler path: its worker loads the model as the deployment would
 
     worker = handler.worker
     if worker.load_error:
         raise SystemExit(worker.load_error)
-    sequential = alpaca_workload(args.sequential_requests, args.max_new_tokens)
-    concurrent = alpaca_workload(args.requests, args.max_new_tokens)
+    engine = worker.engine
+    say(f"worker ready in {time.perf_counter() - started:.1f} s (load {worker.loaded.load_seconds:.1f} s, "
+        f"graph capture {engine.runner.capture_seconds:.1f} s); KV cache {engine.capacity_tokens} tokens")
 
-    baseline = run_seed_baseline(resolve_base_model(worker.settings), sequential)
     asyncio.run(run_handler(handler.handler, sequential[:2], 2, "warm-up"))
-    runs = [
-        asyncio.run(run_handler(handler.handler, sequential if c == 1 else concurrent, c, f"engine {worker.loaded.dtype}"))
-        for c in args.concurrency
-    ]
+    runs, peaks = [], {}
+    for c in args.concurrency:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        run = asyncio.run(run_handler(handler.handler, sequential if c == 1 else concurrent[c], c, f"engine {worker.loaded.dtype}"))
+        if device == "cuda":
+            peaks[c] = torch.cuda.max_memory_allocated() / 2**30
+        runs.append(run)
+        say(f"{run.label}: {run.tok_s:.1f} tok/s, p95 TTFT {run.row()['p95_ttft_s']} s")
     if adapter_names:
         c = args.adapter_concurrency
         base = next((run for run in runs if run.concurrency == c), None) or asyncio.run(
-            run_handler(handler.handler, concurrent, c, f"engine {worker.loaded.dtype}")
+            run_handler(handler.handler, alpaca_workload(args.requests, args.max_new_tokens), c, f"engine {worker.loaded.dtype}")
         )
-        mixed_jobs = alpaca_workload(args.requests, args.max_new_tokens, adapters=adapter_names)
+        mixed_jobs = alpaca_workload(args.requests, args.max_new_tokens, adapters=adapter_names, fixed_length=fixed_length)
         mixed = asyncio.run(run_handler(handler.handler, mixed_jobs, c, f"{len(adapter_names)} LoRA adapters mixed"))
         runs.append(mixed)
-    bandwidth = memory_bandwidth_gb_s()
+        say(f"{mixed.label}: {mixed.tok_s:.1f} tok/s")
+    bandwidth = memory_bandwidth_gb_s(device)
     weights = weight_bytes(worker.loaded.model)
 
-    print(format_table([baseline.row()] + [run.row() for run in runs]))
+    print(format_table([baseline.row()] + ([peer.row()] if peer else []) + [run.row() for run in runs]))
     figures = {
-        "device": str(worker.loaded.device),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": args.shape or worker.loaded.name,
         "dtype": str(worker.loaded.dtype).removeprefix("torch."),
         "max_new_tokens": args.max_new_tokens,
         "baseline_tok_s": round(baseline.tok_s, 1),
         "weights_mb": round(weights / 2**20, 1),
         "memory_bandwidth_gb_s": round(bandwidth, 1),
+        "roofline_tok_s_c1": round(bandwidth * 1e9 / weights, 1),
+        "kv_cache_tokens": engine.capacity_tokens,
+        "graph_capture_s": round(engine.runner.capture_seconds, 1),
     }
+    if peer:
+        figures["transformers_generate_batch_tok_s"] = round(peer.tok_s, 1)
     for run in runs[: len(args.concurrency)]:
         c = run.concurrency
         figures[f"engine_tok_s_c{c}"] = round(run.tok_s, 1)
@@ -90,6 +149,8 @@ def main() -> None:
         figures[f"p50_ttft_s_c{c}"] = run.row()["p50_ttft_s"]
         figures[f"p95_ttft_s_c{c}"] = run.row()["p95_ttft_s"]
         figures[f"p95_latency_s_c{c}"] = run.row()["p95_latency_s"]
+        if c in peaks:
+            figures[f"peak_memory_gib_c{c}"] = round(peaks[c], 1)
         if c == 1:
             figures["bandwidth_gb_s_c1"] = round(weights * run.tok_s / 1e9, 1)
     if adapter_names:
@@ -100,6 +161,7 @@ def main() -> None:
         f"of {figures['memory_bandwidth_gb_s']} GB/s measured ({weights / 1e6:.0f} MB of weights per token)"
     )
     print(json.dumps(figures))
+    worker.close()
 
 
 if __name__ == "__main__":

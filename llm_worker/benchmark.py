@@ -62,16 +62,26 @@ class RunStats:
         }
 
 
-def alpaca_workload(count: int, max_new_tokens: int, path: Path = SEED_TASKS, adapters: list[str | None] | None = None) -> list[dict]:
-    """Job inputs from the Alpaca seed tasks (alpaca template, greedy, eos allowed), cycled to ``count``.
-    With ``adapters``, request i asks for ``adapters[i % len(adapters)]``."""
+def alpaca_workload(
+    count: int,
+    max_new_tokens: int,
+    path: Path = SEED_TASKS,
+    adapters: list[str | None] | None = None,
+    fixed_length: bool = False,
+) -> list[dict]:
+    """Job inputs from the Alpaca seed tasks (alpaca template, greedy), cycled to ``count``. With
+    ``adapters``, request i asks for ``adapters[i % len(adapters)]``; with ``fixed_length``, every
+    answer is exactly ``max_new_tokens`` long (``min_new_tokens``: random weights rarely end)."""
     tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     jobs = []
     for i in range(count):
         task = tasks[i % len(tasks)]
+        generation = {"max_new_tokens": max_new_tokens}
+        if fixed_length:
+            generation["min_new_tokens"] = max_new_tokens
         job = {
             "prompt_config": {"instruction": task["instruction"], "input": task["instances"][0]["input"]},
-            "generation_config": {"max_new_tokens": max_new_tokens},
+            "generation_config": generation,
             "stream": True,
         }
         if adapters and adapters[i % len(adapters)] is not None:
@@ -80,40 +90,136 @@ def alpaca_workload(count: int, max_new_tokens: int, path: Path = SEED_TASKS, ad
     return jobs
 
 
-def run_seed_baseline(model_dir: Path, jobs: list[dict]) -> RunStats:
-    """The seed's way: one request after another through plain ``model.generate``, fp32.
-
-    Runs in a child process: torch ops on a second thread of the engine's process leave an extra
-    OpenMP thread team behind, which on 2 cores slowed the engine's thread by a third."""
+def in_child_process(function: Callable, *args):
+    """Run ``function(*args)`` in a fresh process. On the CPU, torch ops on a second thread of the
+    engine's process leave an extra OpenMP thread team behind (it slowed the engine by a third on 2
+    cores); on a GPU, the child's memory is all returned before the worker sizes its KV cache."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_seed_baseline, model_dir, jobs).result()
+        return pool.submit(function, *args).result()
 
 
-def _seed_baseline(model_dir: Path, jobs: list[dict]) -> RunStats:
+def run_seed_baseline(model_dir: Path, jobs: list[dict], device: str = "cpu", dtype: str = "float32") -> RunStats:
+    """The seed's way: one request after another through plain ``model.generate`` (in a child process)."""
+    return in_child_process(_seed_baseline, model_dir, jobs, device, dtype)
+
+
+def _load_plain(model_dir: Path, device: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map={"": device}).eval()
+    return model, tokenizer
+
+
+def _prompt_ids(tokenizer, jobs: list[dict]) -> list[list[int]]:
     prompts = []
     for job in jobs:
         prompt = render_prompt(tokenizer, "alpaca", job["prompt_config"]["instruction"], job["prompt_config"]["input"])
-        prompts.append(tokenizer(prompt.text, return_tensors="pt"))
-    max_new_tokens = jobs[0]["generation_config"]["max_new_tokens"]
+        prompts.append(tokenizer(prompt.text)["input_ids"])
+    return prompts
 
-    def generate(inputs):
+
+def _seed_baseline(model_dir: Path, jobs: list[dict], device: str, dtype: str) -> RunStats:
+    model, tokenizer = _load_plain(model_dir, device, dtype)
+    generation = jobs[0]["generation_config"]
+
+    def generate(ids: list[int]) -> int:
+        input_ids = torch.tensor([ids], device=device)
         with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        return output.shape[1] - inputs["input_ids"].shape[1]
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=generation["max_new_tokens"],
+                min_new_tokens=generation.get("min_new_tokens", 0),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        _synchronize(device)
+        return output.shape[1] - input_ids.shape[1]
 
+    prompts = _prompt_ids(tokenizer, jobs)
     generate(prompts[0])  # the first generate in a process is slower
     tokens, latency = 0, []
     started = time.perf_counter()
-    for inputs in prompts:
+    for ids in prompts:
         t0 = time.perf_counter()
-        tokens += generate(inputs)
+        tokens += generate(ids)
         latency.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - started
-    return RunStats("seed: sequential model.generate, fp32", 1, len(jobs), tokens, seconds, latency, latency)
+    return RunStats(f"seed: sequential model.generate, {dtype}", 1, len(jobs), tokens, seconds, latency, latency)
+
+
+def run_transformers_batch(model_dir: Path, jobs: list[dict], device: str, dtype: str) -> RunStats:
+    """The peer: transformers' own continuous batching (``generate_batch``) on the same prompts."""
+    return in_child_process(_transformers_batch, model_dir, jobs, device, dtype)
+
+
+def _transformers_batch(model_dir: Path, jobs: list[dict], device: str, dtype: str) -> RunStats:
+    from transformers import GenerationConfig
+
+    model, tokenizer = _load_plain(model_dir, device, dtype)
+    generation = jobs[0]["generation_config"]
+    config = GenerationConfig(
+        max_new_tokens=generation["max_new_tokens"],
+        min_new_tokens=generation.get("min_new_tokens", 0),
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    prompts = _prompt_ids(tokenizer, jobs)
+    with torch.inference_mode():
+        model.generate_batch(inputs=prompts[:4], generation_config=config)  # warm-up
+        _synchronize(device)
+        started = time.perf_counter()
+        outputs = model.generate_batch(inputs=prompts, generation_config=config)
+        _synchronize(device)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(output.generated_tokens) for output in outputs.values())
+    return RunStats(f"transformers generate_batch, {dtype}", len(jobs), len(jobs), tokens, seconds, [], [])
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+LLAMA_SHAPES = {
+    # LLaMA-7B (hidden 4096, MLP 11008, 32 layers, 32 heads): 6.88 B parameters with the SmolLM2 vocabulary
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # a few MB, to try the whole benchmark on a CPU before spending GPU time
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+}
+
+
+def build_random_llama(shape: str, tokenizer_dir: Path, folder: Path, device: str, dtype: str) -> Path:
+    """A LLaMA-shaped model with random weights and the embedded model's tokenizer, saved as a
+    normal model folder (no download). Random weights rarely end an answer: use ``fixed_length``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        **LLAMA_SHAPES[shape],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return folder
 
 
 async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, label: str = "engine") -> RunStats:
@@ -170,8 +276,20 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def memory_bandwidth_gb_s(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Measured read bandwidth of this machine's memory (summing a large tensor), best of a few."""
+def memory_bandwidth_gb_s(device: str = "cpu", size_mb: int = 1024, repeats: int = 5) -> float:
+    """Measured memory bandwidth, best of a few: reading a large tensor on the CPU (summing it); on
+    CUDA, a device-to-device copy counted as read + write."""
+    if device.startswith("cuda"):
+        source = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
+        target = torch.empty_like(source)
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            target.copy_(source)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * source.numel() * 4 / best / 1e9
     data = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
     best = float("inf")
     for _ in range(repeats):
