@@ -6,16 +6,16 @@ up to ``MAX_CONCURRENCY`` at once.
 """
 
 import atexit
-import logging
 import os
 import sys
 
 import runpod
 
+from llm_worker.logs import configure_logging
 from llm_worker.service import Worker, collect
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-worker = Worker.start()
+configure_logging()  # LOG_LEVEL
+worker = Worker.start()  # invalid settings or a failed load: a worker that answers every job with the reason
 atexit.register(worker.close)  # stop the engine thread before the interpreter tears down
 
 

@@ -10,13 +10,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llm_worker.adapters import AdapterManager
+from llm_worker.adapters import AdapterError, AdapterManager
 from llm_worker.engine import Completion, Delta, Engine, EngineError, Failed, GenerationRequest
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
 from llm_worker.loading import adapter_name
 from llm_worker.schema import InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
-from llm_worker.settings import Settings
+from llm_worker.settings import Settings, SettingsError
+from model_cache import ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,27 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings | None = None) -> Worker:
-        """Load the model; if that fails, return a worker that answers every job with the reason."""
-        settings = settings or Settings()
+        """Read the settings and load the model. If a setting is invalid or the model fails to load,
+        return a worker that answers every job with the reason (on RunPod, a worker that exits at
+        start is restarted in a loop and tells callers nothing)."""
+        try:
+            settings = settings or Settings()
+        except SettingsError as err:
+            for problem in err.problems:
+                log.error("Invalid setting: %s", problem)
+            return cls(Settings.model_construct(), None, load_error=f"invalid configuration: {err}")
+        log_settings(settings)
         try:
             loaded = load_model(settings)
             default = adapter_name(settings.lora_weights) if settings.lora_weights else None
             adapters = AdapterManager(settings, default=None if loaded.merged_adapter else default, merged=loaded.merged_adapter)
             if adapters.default:
                 loaded.model = adapters.activate(loaded.model, adapters.default, in_use=set())
+        except (ModelSourceError, AdapterError) as err:  # explained in its message: no traceback needed
+            log.error("The model failed to load: %s", err)
+            return cls(settings, None, load_error=f"the model failed to load: {err}")
         except Exception as err:
-            log.exception("the model failed to load")
+            log.exception("The model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
         return cls(settings, loaded, adapters)
@@ -152,6 +164,15 @@ class Worker:
                     yield self.result(event, request.adapter)
         except EngineError as err:
             yield {"error": str(err)}
+
+
+def log_settings(settings: Settings) -> None:
+    """Log the settings that differ from their defaults (one line), and warn about any that do nothing."""
+    changed = settings.model_dump(exclude_defaults=True)
+    shown = ", ".join(f"{name.upper()}={value}" for name, value in changed.items()) or "all defaults"
+    log.info("Settings: %s", shown)
+    for warning in settings.ineffective():
+        log.warning("%s", warning)
 
 
 def _context_length(loaded: LoadedModel) -> int:

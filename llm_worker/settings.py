@@ -1,22 +1,35 @@
 """Every environment variable the worker reads, in one typed object.
 
-The README's configuration table lists the same variables; keep them in step.
+The README's configuration table lists the same variables; keep them in step. An invalid value
+raises ``SettingsError``, one line per variable: its name, the value given and what it accepts.
 """
 
 from __future__ import annotations
 
 import re
+from types import UnionType
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BASE_ADAPTER_NAME = "base"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_ROOT / "model_cache"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """Invalid settings; ``problems`` holds one line per variable, e.g.
+    ``DTYPE='fp16': use auto, float32, float16 or bfloat16``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class Settings(BaseSettings):
@@ -59,12 +72,30 @@ class Settings(BaseSettings):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings a job may give.")
     max_stop_chars: int = Field(200, ge=1, description="Longest stop string, in characters.")
+    log_level: str = Field(
+        "INFO", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR; DEBUG adds job progress."
+    )
 
-    @model_validator(mode="after")
-    def _one_quantization(self) -> Settings:
-        if self.load_8bit and self.load_4bit:
+    def __init__(self, **values: Any) -> None:
+        """Read the environment (``values`` override it); raise ``SettingsError`` naming each bad variable."""
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise SettingsError([_problem(item) for item in err.errors(include_url=False)]) from None
+
+    @field_validator("load_4bit")
+    @classmethod
+    def _one_quantization(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("load_8bit"):
             raise ValueError("LOAD_8BIT and LOAD_4BIT are exclusive: set at most one")
-        return self
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"use {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
+        return value.upper()
 
     @field_validator("lora_adapters")
     @classmethod
@@ -80,6 +111,53 @@ class Settings(BaseSettings):
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
 
+    def ineffective(self) -> list[str]:
+        """Settings that are valid but do nothing in this combination, one line each."""
+        found = []
+        if self.merge_lora and not self.lora_weights:
+            found.append("MERGE_LORA=1 does nothing without LORA_WEIGHTS")
+        if self.allow_hub_adapters and not self.lora_adapters:
+            found.append("ALLOW_HUB_ADAPTERS=1 does nothing without LORA_ADAPTERS")
+        if self.base_model is None and self.trust_remote_code:
+            found.append("TRUST_REMOTE_CODE=1 does nothing for the embedded default model (BASE_MODEL is unset)")
+        if self.hf_token and not (self.base_model or self.lora_weights or self.lora_adapters):
+            found.append("HF_TOKEN is set, but BASE_MODEL, LORA_WEIGHTS and LORA_ADAPTERS name nothing to fetch")
+        return found
+
+
+SPECIAL_VALUES = {"device": "use auto, cpu, cuda or cuda:N"}
+
+
+def _problem(item: dict[str, Any]) -> str:
+    """One validation error as ``NAME=value: what it accepts``."""
+    name = str(item["loc"][0]) if item["loc"] else ""
+    rule = item["msg"].removeprefix("Value error, ")
+    if name not in Settings.model_fields:
+        return rule
+    value = "(hidden)" if name == "hf_token" else repr(item["input"])
+    if item["type"] != "value_error":  # a type or bound error: say what the variable accepts instead
+        rule = SPECIAL_VALUES.get(name) or _accepted(Settings.model_fields[name])
+    return f"{name.upper()}={value}: {rule}"
+
+
+def _accepted(field: FieldInfo) -> str:
+    """What a setting accepts, in words, from its type and bounds."""
+    kind = field.annotation
+    if get_origin(kind) is UnionType:  # X | None
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if get_origin(kind) is Literal:
+        *first, last = get_args(kind)
+        return f"use {', '.join(first)} or {last}"
+    if kind is bool:
+        return "use 1 or 0 (true/false, yes/no and on/off work too)"
+    bounds = {key: getattr(meta, key) for meta in field.metadata for key in ("gt", "ge", "le") if hasattr(meta, key)}
+    number = {int: "a whole number", float: "a number", Path: "a folder path"}.get(kind, "text")
+    if "ge" in bounds and "le" in bounds:
+        return f"use {number} from {bounds['ge']} to {bounds['le']}"
+    words = {"gt": "above {}", "ge": "at least {}", "le": "at most {}"}
+    limits = " and ".join(words[key].format(value) for key, value in bounds.items())
+    return f"use {number} {'of ' if limits.startswith('at') else ''}{limits}".strip()
+
 
 def parse_adapter_list(value: str | None) -> dict[str, str]:
     """LORA_ADAPTERS (``name=path_or_hub_id,...``) as a dict; refuses malformed entries and bad names."""
@@ -88,6 +166,9 @@ def parse_adapter_list(value: str | None) -> dict[str, str]:
         name, sep, source = item.partition("=")
         name, source = name.strip(), source.strip()
         if not sep or not source or not ADAPTER_NAME.match(name) or name == BASE_ADAPTER_NAME:
-            raise ValueError(f"LORA_ADAPTERS: {item!r} is not name=path_or_hub_id with a valid name")
+            raise ValueError(
+                f"{item!r} is not name=path_or_hub_id; use name=path_or_hub_id,... with names of 1-64 letters, "
+                "digits, '.', '_' or '-' (not 'base')"
+            )
         entries[name] = source
     return entries
