@@ -92,11 +92,12 @@ def hub_cache_dirs(settings: Settings) -> list[Path]:
 
 def fetch_from_hub(repo_id: str, settings: Settings) -> Path:
     """Return a local snapshot of a Hub repository: from a cache when present, else downloaded."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    caches = hub_cache_dirs(settings)
     try:
-        for cache in hub_cache_dirs(settings):
+        for cache in caches:
             if cache.is_dir():
                 try:
                     return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
@@ -106,6 +107,15 @@ def fetch_from_hub(repo_id: str, settings: Settings) -> Path:
         return Path(snapshot_download(repo_id, cache_dir=settings.hub_cache_dir, token=settings.token()))
     except HFValidationError as err:
         raise ModelSourceError(f"{repo_id!r} is neither a local folder nor a valid Hub id") from err
+    except LocalEntryNotFoundError as err:  # not cached, and offline or the Hub unreachable
+        looked = " and ".join(str(cache) for cache in caches)
+        why = (
+            "the worker is offline (HF_HUB_OFFLINE=1): bake it into the image, put it in a network "
+            "volume's cache, or set HF_HUB_OFFLINE=0 to download it at start-up"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub could not be reached: check the network"
+        )
+        raise ModelSourceError(f"{repo_id!r} is not in the model cache (looked in {looked}) and {why}") from err
     except Exception as err:
         raise ModelSourceError(f"could not fetch {repo_id!r} from the Hub: {type(err).__name__}") from err
 

@@ -1,10 +1,14 @@
 """Model loading: the converted default, LoRA weights, quantization, token repair, failures."""
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from conftest import job
+from conftest import ROOT, job
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm_worker.loading import fix_special_tokens, resolve_dtype
@@ -87,3 +91,24 @@ def test_a_model_that_fails_to_load_answers_every_job_with_the_reason(started):
         error = broken.complete(job(FRANCE))["error"]
         assert error.startswith("the model failed to load")
         assert "/nonexistent/model-folder" in error
+
+
+def test_an_uncached_hub_model_offline_says_where_it_looked_and_how_to_get_it(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RUNPOD_WEBHOOK_GET_JOB"}
+    env.update(
+        BASE_MODEL="llm-worker-tests/not-cached",
+        HF_HUB_OFFLINE="1",
+        RUNPOD_VOLUME_DIR=str(tmp_path / "volume"),
+        HF_HOME=str(tmp_path / "hf"),
+    )
+    event = json.dumps({"input": job(FRANCE)})
+    command = [sys.executable, "handler.py", "--test_input", event]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and "LocalEntryNotFoundError" not in output
+    reason = (
+        "'llm-worker-tests/not-cached' is not in the model cache (looked in "
+        f"{tmp_path}/volume/huggingface-cache/hub and {tmp_path}/hf/hub) and the worker is offline (HF_HUB_OFFLINE=1): "
+    )
+    assert f"ERROR llm_worker.service: The model failed to load: {reason}" in output  # the log, at start
+    assert f"failed with error: the model failed to load: {reason}" in output  # the job's answer
