@@ -59,6 +59,13 @@ class PromptConfig(_Strict):
     input: Text = ""
     template: str = "alpaca"
 
+    @field_validator("instruction")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be only whitespace")
+        return value
+
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
@@ -114,7 +121,12 @@ class GenerationConfig(_Strict):
             if self.temperature:
                 ignored.insert(0, "temperature")
             if ignored:
-                raise ValueError(f"{', '.join(ignored)} only apply when sampling, but do_sample is false")
+                names = f"{', '.join(ignored[:-1])} and {ignored[-1]}" if ignored[1:] else ignored[0]
+                rule = f"{names} only {'apply' if ignored[1:] else 'applies'} when sampling"
+                if self.do_sample is False:
+                    raise ValueError(f"{rule}, and do_sample is false")
+                why = "temperature is unset" if self.temperature is None else "temperature is 0"
+                raise ValueError(f"{rule}, and sampling is off because {why}: set temperature > 0 (e.g. 0.7)")
         return self
 
     @property

@@ -43,6 +43,11 @@ def test_empty_instruction_is_refused():
     assert "prompt_config.instruction" in error_for({"prompt_config": {"instruction": ""}})
 
 
+@pytest.mark.parametrize("blank", [" ", "\n\t \n", "\u3000"])
+def test_whitespace_only_instruction_is_refused_like_an_empty_one(blank):
+    assert error_for({"prompt_config": {"instruction": blank}}) == "prompt_config.instruction: must not be only whitespace"
+
+
 def test_wrong_type_is_named():
     message = error_for(with_generation(max_new_tokens="12"))
     assert "generation_config.max_new_tokens" in message and "integer" in message
@@ -104,8 +109,17 @@ def test_min_new_tokens_above_max_is_refused():
 
 
 def test_sampling_settings_without_sampling_are_not_silently_dropped():
-    message = error_for(with_generation(do_sample=False, temperature=0.7, top_p=0.9))
-    assert "temperature, top_p only apply when sampling" in message
+    message = error_for(with_generation(do_sample=False, temperature=0.7, top_p=0.9, seed=1))
+    assert message == "generation_config: temperature, top_p and seed only apply when sampling, and do_sample is false"
+
+
+@pytest.mark.parametrize("temperature, why", [(None, "temperature is unset"), (0.0, "temperature is 0")])
+def test_a_seed_without_temperature_says_how_to_turn_sampling_on(temperature, why):
+    generation = {"seed": 1} if temperature is None else {"seed": 1, "temperature": temperature}
+    assert error_for(with_generation(**generation)) == (
+        f"generation_config: seed only applies when sampling, and sampling is off because {why}: "
+        "set temperature > 0 (e.g. 0.7)"
+    )
 
 
 def test_zero_temperature_with_do_sample_is_contradictory():
