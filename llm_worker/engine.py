@@ -442,13 +442,14 @@ class Engine:
             inputs.write_index += [SCRATCH_BLOCK * BLOCK_SIZE] * pad + [_pool_index(seq, p) for p in positions]
             inputs.block_table.append(seq.slot.blocks[: blocks_for(chunk.start + chunk.length)])
         _pad_tables(inputs.block_table)
-        logits = self.runner.run(inputs, [c.seq.request.adapter for c in group])
         finishing = [i for i, c in enumerate(group) if c.last]
+        seqs = [group[i].seq for i in finishing]
+        sampling = self._sampling_inputs(seqs, fresh=True) if seqs else None
+        logits = self.runner.run(inputs, [c.seq.request.adapter for c in group])
         for chunk in group:
             self.scheduler.prefilled(chunk)
-        if finishing:
-            seqs = [group[i].seq for i in finishing]
-            self._sample_and_accept(seqs, logits[finishing], fresh=True)
+        if seqs:
+            self._sample_and_accept(seqs, logits[finishing], sampling)
 
     # ----------------------------------------------------------------- decode
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -463,6 +464,7 @@ class Engine:
                 block_table=[s.slot.blocks[: blocks_for(s.position + 1)] for s in seqs],
             )
             _pad_tables(inputs.block_table)
+            sampling = self._sampling_inputs(seqs)  # host-to-device copies go out before the forward
             try:
                 logits = self.runner.run(inputs, [s.request.adapter for s in seqs])
                 break
@@ -473,12 +475,16 @@ class Engine:
                 log.warning("out of memory in a step of %d requests: dropping the newest", len(seqs))
                 self._fail([newest], "out of memory: the batch could not hold this request; retry it")
                 seqs = [s for s in seqs if s is not newest]
-        self._sample_and_accept(seqs, logits)
+        self._sample_and_accept(seqs, logits, sampling)
 
-    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, fresh: bool = False) -> None:
+    def _sampling_inputs(self, seqs: list[Sequence], fresh: bool = False) -> tuple:
         params = self._params_for(seqs, fresh)
         generated = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
-        tokens = sample(logits, params, generated, self.eos_mask, self._bans(seqs)).tolist()  # the step's one sync
+        return params, generated, self._bans(seqs)
+
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, sampling: tuple) -> None:
+        params, generated, banned = sampling
+        tokens = sample(logits, params, generated, self.eos_mask, banned).tolist()  # the step's one transfer back
         for seq, token in zip(seqs, tokens):
             if seq.finish_reason is None:
                 self._accept(seq, token)

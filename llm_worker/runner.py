@@ -143,7 +143,7 @@ class CapturedStep:
             [ids[0], pos[0], write, *table]
             for ids, pos, write, table in zip(inputs.input_ids, inputs.positions, inputs.write_index, inputs.block_table)
         ]
-        host = self.pinned[:count, : 3 + self.blocks]
+        host = self.pinned[: count * (3 + self.blocks)].view(count, 3 + self.blocks)
         host.copy_(torch.tensor(rows, dtype=torch.long))  # the previous step's copy ended: its tokens were read
         staged = host.to(self.input_ids.device, non_blocking=True)
         self.input_ids[:count, 0] = staged[:, 0]
@@ -181,7 +181,7 @@ class StepRunner:
                 "write_index": torch.zeros(max_rows, **long),
                 "block_table": torch.zeros((max_rows, max_blocks), **long),
             }
-            self.pinned = torch.zeros((max_rows, 3 + max_blocks), dtype=torch.long).pin_memory()
+            self.pinned = torch.zeros(max_rows * (3 + max_blocks), dtype=torch.long).pin_memory()
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
@@ -195,9 +195,10 @@ class StepRunner:
             return
         started = time.perf_counter()
         context, kwargs, key = adapter_state(self.model, [None])
-        for blocks in [b for b in self.block_sizes if b <= GRAPH_CONTEXT_BLOCKS_AT_START]:
-            for rows in reversed(self.rows_sizes):  # largest first, so smaller ones reuse its memory
-                self._graph(key, rows, blocks, context, kwargs)
+        with torch.inference_mode():
+            for blocks in [b for b in self.block_sizes if b <= GRAPH_CONTEXT_BLOCKS_AT_START]:
+                for rows in reversed(self.rows_sizes):  # largest first, so smaller ones reuse its memory
+                    self._graph(key, rows, blocks, context, kwargs)
         log.info("Captured %d CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
 
     def _graph(self, key, rows: int, blocks: int, context, kwargs) -> CapturedStep | None:
