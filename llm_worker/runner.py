@@ -114,7 +114,9 @@ def block_buckets(max_blocks: int) -> list[int]:
 
 
 class CapturedStep:
-    """A decoding step of fixed shape recorded as a CUDA graph, with its static inputs."""
+    """A decoding step of fixed shape recorded as a CUDA graph, with its static inputs. Without
+    CUDA (``StepRunner(static_shapes=True)`` on the CPU, for tests) the same static buffers and
+    padding run eagerly at each replay."""
 
     def __init__(self, runner: StepRunner, rows: int, blocks: int, context, kwargs: dict) -> None:
         self.rows, self.blocks = rows, blocks
@@ -127,6 +129,11 @@ class CapturedStep:
         for tensor in (self.input_ids, self.positions, self.write_index, self.block_table):
             tensor.zero_()  # padding: every write and read goes to the scratch block
         args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
+        self.graph = None
+        if not runner.use_graphs:
+            self._eager = lambda: forward_step(*args, **kwargs)
+            self._context = context
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with context(), torch.cuda.stream(stream):
@@ -155,6 +162,9 @@ class CapturedStep:
             self.positions[count:] = 0
             self.write_index[count:] = SCRATCH_BLOCK * BLOCK_SIZE
             self.block_table[count:] = SCRATCH_BLOCK
+        if self.graph is None:
+            with self._context():
+                return self._eager()[:count]
         self.graph.replay()
         return self.logits[:count]
 
@@ -162,18 +172,29 @@ class CapturedStep:
 class StepRunner:
     """Owns the KV pool and the device-side buffers; runs forward passes."""
 
-    def __init__(self, model, pool: KVPool, device: torch.device, max_rows: int, max_blocks: int, cuda_graphs: bool) -> None:
+    def __init__(
+        self,
+        model,
+        pool: KVPool,
+        device: torch.device,
+        max_rows: int,
+        max_blocks: int,
+        cuda_graphs: bool,
+        static_shapes: bool | None = None,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.max_blocks = max_blocks
         self.use_graphs = cuda_graphs and device.type == "cuda"
+        self.static_shapes = self.use_graphs if static_shapes is None else static_shapes
         self.rows_sizes = row_buckets(max_rows)
         self.block_sizes = block_buckets(max_blocks)
         self.graphs: dict[tuple, CapturedStep | None] = {}  # None: capture failed, run eagerly
         self.capture_seconds = 0.0
         if self.use_graphs:
             self.graph_pool = torch.cuda.graph_pool_handle()
+        if self.static_shapes:
             long = dict(dtype=torch.long, device=device)
             self.static = {
                 "input_ids": torch.zeros((max_rows, 1), **long),
@@ -181,7 +202,9 @@ class StepRunner:
                 "write_index": torch.zeros(max_rows, **long),
                 "block_table": torch.zeros((max_rows, max_blocks), **long),
             }
-            self.pinned = torch.zeros(max_rows * (3 + max_blocks), dtype=torch.long).pin_memory()
+            self.pinned = torch.zeros(max_rows * (3 + max_blocks), dtype=torch.long)
+            if device.type == "cuda":
+                self.pinned = self.pinned.pin_memory()
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
@@ -219,7 +242,7 @@ class StepRunner:
         """Logits [rows, vocab] of each row's last column."""
         context, kwargs, key = adapter_state(self.model, adapters)
         width = len(inputs.input_ids[0])
-        if self.use_graphs and key is not None and width == 1:
+        if self.static_shapes and key is not None and width == 1:
             rows = bucket(len(inputs.input_ids), self.rows_sizes)
             blocks = bucket(len(inputs.block_table[0]), self.block_sizes)
             graph = self._graph(key, rows, blocks, context, kwargs)

@@ -107,3 +107,30 @@ def test_graph_buckets_cover_every_batch_and_context():
     assert row_buckets(5) == [1, 2, 4, 5]
     assert block_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert block_buckets(100)[-1] == 100
+
+
+def test_bucketed_static_steps_give_the_logits_of_unpadded_steps(tiny):
+    """The CUDA-graph path's static buffers, row and context padding, run eagerly on the CPU:
+    padded rows and scratch blocks must not change any real row's logits."""
+    pool = fresh_pool(tiny, blocks=64)
+    plain = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False)
+    static = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False, static_shapes=True)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 21, 40)]
+    tables = [[3, 4, 5, 6], [10, 11, 12, 13], [20, 21, 22, 23]]
+    with torch.inference_mode():
+        for prompt, table in zip(prompts, tables):  # prefill each prompt into its blocks
+            write = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))]
+            plain.run(StepInputs([prompt], [list(range(len(prompt)))], write, [table[: blocks_for(len(prompt))]]), [None])
+        positions = [len(p) for p in prompts]
+        step = StepInputs(
+            input_ids=[[7], [8], [9]],
+            positions=[[p] for p in positions],
+            write_index=[t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for t, p in zip(tables, positions)],
+            block_table=[t[: blocks_for(p + 1)] + [0] * (3 - blocks_for(p + 1)) for t, p in zip(tables, positions)],
+        )
+        expected = plain.run(step, [None, None, None]).clone()
+        first = static.run(step, [None, None, None]).clone()  # 3 rows pad to 4, 3 blocks to 4
+        again = static.run(StepInputs(step.input_ids[:1], step.positions[:1], step.write_index[:1], [step.block_table[0][:1]]), [None])
+    assert set(static.graphs) == {("__base__", 4, 4), ("__base__", 1, 1)}
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again[0], expected[0], rtol=1e-5, atol=1e-5)
