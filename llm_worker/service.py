@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llm_worker.adapters import AdapterError, AdapterManager
-from llm_worker.engine import Completion, Delta, Engine, EngineError, Failed, GenerationRequest
+from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
 from llm_worker.loading import adapter_name
@@ -44,15 +44,25 @@ class Worker:
         )
         self.engine = None
         if loaded is not None:
-            self.engine = Engine(
-                loaded.model,
-                loaded.tokenizer,
-                max_batch_size=settings.max_batch_size,
-                max_prefill_tokens=settings.max_prefill_tokens,
-                max_job_seconds=settings.max_job_seconds,
-                adapters=self.adapters,
-            )
             self.context_length = _context_length(loaded)
+            try:
+                self.engine = self._start_engine(loaded)
+            except Exception as err:
+                log.exception("the engine failed to start")
+                self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"
+
+    def _start_engine(self, loaded: LoadedModel) -> Engine:
+        settings = self.settings
+        config = EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            max_job_seconds=settings.max_job_seconds,
+            max_seq_len=min(self.context_length, settings.max_input_tokens + settings.max_new_tokens_limit),
+            kv_cache_tokens=settings.kv_cache_tokens,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            cuda_graphs=settings.cuda_graphs,
+        )
+        return Engine(loaded.model, loaded.tokenizer, config, dtype=loaded.dtype, adapters=self.adapters)
 
     @classmethod
     def start(cls, settings: Settings | None = None) -> Worker:
@@ -98,6 +108,13 @@ class Worker:
                 f"prompt_config: the prompt is {len(ids)} tokens; at most {room} fit "
                 f"(MAX_INPUT_TOKENS={self.settings.max_input_tokens}, context {self.context_length} "
                 f"minus max_new_tokens {config.max_new_tokens})"
+            )
+        capacity = self.engine.capacity_tokens
+        if len(ids) + config.max_new_tokens > capacity:
+            raise InputError(
+                f"generation_config.max_new_tokens: the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"({config.max_new_tokens}) is {len(ids) + config.max_new_tokens} tokens, more than the "
+                f"{capacity} tokens this worker's KV cache holds (KV_CACHE_TOKENS, GPU_MEMORY_UTILIZATION)"
             )
         stop = tuple(config.stop) + ((prompt.response_split,) if prompt.response_split else ())
         adapter = self.adapters.choose(job.adapter)

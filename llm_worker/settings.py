@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     lora_weights: str | None = Field(None, description="PEFT LoRA adapter (folder or Hub id) loaded as the default adapter.")
     merge_lora: bool = Field(False, description="Merge LORA_WEIGHTS into the base weights (fastest single-adapter serving).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights and compute dtype; auto: bfloat16 on CPU and bf16-capable GPUs, else float16."
+        "auto",
+        description="Weights and compute dtype; auto: bfloat16 on bf16-capable GPUs (float16 with LOAD_8BIT or "
+        "older GPUs), on the CPU bfloat16 only where it measures faster than float32.",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: CUDA when present, else CPU.")
     load_8bit: bool = Field(False, description="Load the weights in 8-bit through bitsandbytes.")
@@ -66,7 +68,16 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(1_000_000, ge=1, description="Largest job input, as JSON bytes.")
     max_concurrency: int = Field(32, ge=1, le=1024, description="Jobs the worker takes from RunPod at once.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Requests decoded together in one step.")
-    max_prefill_tokens: int = Field(4096, ge=1, description="Padded prompt tokens prefilled in one forward pass.")
+    max_prefill_tokens: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per engine step, between decoding steps (chunked prefill)."
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="KV cache capacity in tokens; unset: from GPU_MEMORY_UTILIZATION on CUDA, 32768 on CPU."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of the GPU's memory the worker may use (weights + KV cache)."
+    )
+    cuda_graphs: bool = Field(True, description="Replay decoding steps as CUDA graphs on CUDA (off: eager, for debugging).")
     max_job_seconds: float = Field(
         540.0, ge=0, description="A job running longer ends with finish_reason time_limit and its text so far; 0: off."
     )
