@@ -205,6 +205,7 @@ class Engine:
             forward_step(self.model, probe, zeros(1, width), zeros(1, width), zeros(width), zeros(1, blocks_for(width)))
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del probe
+        torch.cuda.empty_cache()  # else the cached activations count as used, and again as reserved
         sampling = rows * self.vocab * 48  # sort, probabilities, noise, order: a few [rows, vocab] tensors
         log.info("Profiled a worst-case step: %.2f GiB of activations", peak / 2**30)
         return int(peak * 1.2) + sampling
