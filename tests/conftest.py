@@ -103,6 +103,11 @@ def robot_adapter(base_model_dir, tmp_path_factory) -> Path:
     )
 
 
+# How the api_server fixture starts the SDK's local API server (the port follows); the README's
+# "Try it locally" section starts it the same way (tests/test_try_locally.py checks).
+API_SERVER_ARGS = ["handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -120,7 +125,7 @@ def api_server():
     """The SDK's local API server running handler.py, on a free loopback port; yields (url, pid)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+        [sys.executable, *API_SERVER_ARGS, str(port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
