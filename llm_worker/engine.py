@@ -47,7 +47,7 @@ from llm_worker.kv_cache import (
     kv_budget_blocks,
 )
 from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
-from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, banned_ngram_tokens, sample
+from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, banned_ngram_tokens, sample, sample_with_logprobs
 from llm_worker.scheduler import PrefillChunk, Scheduler, Slot
 from llm_worker.schema import GenerationConfig
 from llm_worker.text import AnswerText
@@ -64,6 +64,16 @@ class GenerationRequest:
     config: GenerationConfig
     stop: tuple[str, ...] = ()
     adapter: str | None = None
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, with the most likely alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,13 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens decoded since the previous delta
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,8 @@ class Sequence:
     text: AnswerText
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # bool [vocab]: tokens seen, for the repetition penalty
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
     finish_reason: str | None = None
 
     @property
@@ -382,7 +396,7 @@ class Engine:
         rest = seq.text.delta(final=True)
         self._release(seq, reason)
         if rest:
-            self._send(seq, Delta(rest))
+            self._send(seq, self._delta(seq, rest))
         self._send(
             seq,
             Completion(
@@ -391,8 +405,15 @@ class Engine:
                 prompt_tokens=seq.slot.prompt_len,
                 completion_tokens=len(seq.generated),
                 token_ids=list(seq.generated),
+                logprobs=list(seq.logprobs) if seq.request.logprobs is not None else None,
             ),
         )
+
+    @staticmethod
+    def _delta(seq: Sequence, text: str) -> Delta:
+        fresh = tuple(seq.logprobs[seq.unsent_logprobs :])
+        seq.unsent_logprobs = len(seq.logprobs)
+        return Delta(text, fresh)
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
@@ -485,10 +506,24 @@ class Engine:
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, sampling: tuple) -> None:
         params, generated, banned = sampling
-        tokens = sample(logits, params, generated, self.eos_mask, banned).tolist()  # the step's one transfer back
-        for seq, token in zip(seqs, tokens):
-            if seq.finish_reason is None:
-                self._accept(seq, token)
+        wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
+        if not wanted:
+            tokens = sample(logits, params, generated, self.eos_mask, banned).tolist()  # the step's one transfer back
+            for seq, token in zip(seqs, tokens):
+                if seq.finish_reason is None:
+                    self._accept(seq, token)
+            return
+        top = max(wanted)
+        result = sample_with_logprobs(logits, params, generated, self.eos_mask, banned, top)
+        packed = torch.cat([result[0][:, None].double(), result[1][:, None].double(), result[2].double(), result[3].double()], 1)
+        for seq, row in zip(seqs, packed.tolist()):  # still one transfer back
+            if seq.finish_reason is not None:
+                continue
+            token = int(row[0])
+            if seq.request.logprobs is not None and token != BAD_ROW:
+                alternatives = tuple(zip(map(int, row[2 + top : 2 + top + seq.request.logprobs]), row[2 : 2 + seq.request.logprobs]))
+                seq.logprobs.append(TokenLogprob(token, row[1], alternatives))
+            self._accept(seq, token)
 
     def _params_for(self, seqs: list[Sequence], fresh: bool) -> BatchParams:
         """The rows' sampling tensors, rebuilt only when the running batch changes."""
@@ -535,7 +570,7 @@ class Engine:
         else:
             delta = seq.text.delta()
             if delta:
-                self._send(seq, Delta(delta))
+                self._send(seq, self._delta(seq, delta))
 
     def _log_progress(self) -> None:
         now = time.monotonic()

@@ -127,6 +127,24 @@ def sample(logits: torch.Tensor, params: BatchParams, generated: torch.Tensor, e
 
     ``generated``: tokens each row has made so far (its step); ``banned``: optional bool
     [rows, vocab] of tokens a row may not pick (n-gram bans)."""
+    return _sample(logits, params, generated, eos, banned)[0]
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor, params: BatchParams, generated: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor | None, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample``, plus log-probabilities from the distribution the sampler drew from: after the
+    penalties, bans and temperature, before top-k/top-p truncation (so they sum to 1 over the
+    vocabulary, as vLLM's ``processed_logprobs``). Returns tokens [rows], the chosen tokens'
+    logprobs [rows], and the ``top`` most likely tokens' logprobs and ids [rows, top]."""
+    chosen, processed = _sample(logits, params, generated, eos, banned)
+    logprobs = torch.log_softmax(processed / params.temperature[:, None], dim=-1)
+    chosen_logprobs = logprobs.gather(1, chosen.clamp(min=0)[:, None])[:, 0]
+    top_logprobs, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], chosen[:, None][:, :0])
+    return chosen, chosen_logprobs, top_logprobs, top_ids
+
+
+def _sample(logits, params, generated, eos, banned) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
     bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
     logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)
@@ -143,7 +161,7 @@ def sample(logits: torch.Tensor, params: BatchParams, generated: torch.Tensor, e
         chosen = torch.where(params.sample, drawn, chosen)
     if params.seen is not None:
         params.seen.scatter_(1, chosen[:, None], True)
-    return chosen.masked_fill(bad, BAD_ROW)
+    return chosen.masked_fill(bad, BAD_ROW), logits
 
 
 def banned_ngram_tokens(token_ids: list[int], size: int) -> list[int]:

@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, logits_to_probs, sample
+from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, logits_to_probs, sample, sample_with_logprobs
 
 VOCAB = 300
 NO_EOS = torch.zeros(VOCAB, dtype=torch.bool)
@@ -106,3 +106,16 @@ def test_repetition_penalty_applies_to_seen_tokens_and_records_new_ones():
     assert int(sample(logits, params, torch.tensor([0]), NO_EOS)) == 6  # 2.0 / 2 < 1.5
     assert params.seen[0, 6]
     assert int(sample(logits, params, torch.tensor([1]), NO_EOS)) == 5  # both seen now: 1.0 against 0.75
+
+
+def test_logprobs_come_from_the_distribution_the_sampler_used():
+    torch.manual_seed(3)
+    logits = torch.randn(3, VOCAB) * 2
+    params = batch(SamplingParams(), SamplingParams(sample=True, temperature=0.7, top_k=10, seed=4), SamplingParams(repetition_penalty=1.8), seen=[torch.zeros(VOCAB, dtype=torch.bool)] * 3)
+    tokens, chosen, top, top_ids = sample_with_logprobs(logits, params, torch.zeros(3, dtype=torch.long), NO_EOS, None, 5)
+    assert tokens[0] == logits[0].argmax()
+    assert chosen[0] == top[0, 0] and top_ids[0, 0] == tokens[0], "greedy: the chosen token is the most likely"
+    full = torch.log_softmax(logits / torch.tensor([1.0, 0.7, 1.0])[:, None], dim=-1)
+    torch.testing.assert_close(chosen[1], full[1, tokens[1]])  # temperature applied, top-k not
+    assert torch.all(top[:, :-1] >= top[:, 1:])
+    assert torch.allclose(full.exp().sum(dim=-1), torch.ones(3))
