@@ -22,11 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from llm_worker.errors import InputError
 from llm_worker.prompts import template_names
-
-
-class InputError(ValueError):
-    """The job input broke a rule; the message names the field and the rule."""
 
 
 def _utf8(value: str) -> str:
@@ -58,6 +55,7 @@ class PromptConfig(_Strict):
     instruction: Text = Field(min_length=1)
     input: Text = ""
     template: str = "alpaca"
+    stop_at_section: bool = True  # Alpaca family: end the answer where a line starts with "### "
 
     @field_validator("instruction")
     @classmethod

@@ -1,8 +1,10 @@
 """Prompt templates: the four Alpaca-LoRA formats, the model's chat template, and raw prompts."""
 
 import pytest
+from transformers import AutoTokenizer
 
 from llm_worker.prompts import file_templates, render_prompt, template_names
+from llm_worker.schema import InputError
 
 FILE_TEMPLATES = ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne"]
 
@@ -30,6 +32,28 @@ def test_chat_template_uses_the_models_own_format(worker):
     assert "<|im_start|>user\nSay hi\n\ntwice<|im_end|>" in prompt.text
     assert prompt.text.endswith("<|im_start|>assistant\n")
     assert prompt.response_split is None
+
+
+@pytest.mark.parametrize("template", FILE_TEMPLATES)
+def test_alpaca_family_answers_end_where_a_line_opens_a_new_section(worker, template):
+    """A line starting with '### ' is a new section; Alpaca-LoRA's prompter kept it in the answer."""
+    prompt = render_prompt(worker.loaded.tokenizer, template, "Name a color.")
+    assert prompt.stop == (prompt.response_split, "\n### ")
+    kept = render_prompt(worker.loaded.tokenizer, template, "Name a color.", stop_at_section=False)
+    assert kept.stop == (prompt.response_split,)
+    assert kept.text == prompt.text
+
+
+@pytest.mark.parametrize("template", ["chat", "none"])
+def test_templates_without_sections_add_no_stop_strings(worker, template):
+    assert render_prompt(worker.loaded.tokenizer, template, "Name a color.").stop == ()
+
+
+def test_chat_template_on_a_model_without_one_is_an_input_error_naming_the_field(base_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer.chat_template = None  # as a base LLaMA's tokenizer
+    with pytest.raises(InputError, match=r"^prompt_config\.template: 'chat' needs a model with a chat template"):
+        render_prompt(tokenizer, "chat", "Say hi")
 
 
 def test_none_template_is_the_raw_instruction(worker):

@@ -136,3 +136,12 @@ def test_stop_strings_are_bounded_in_count_and_length():
     assert "at most 4 stop strings (MAX_STOP_STRINGS)" in error_for(with_generation(stop=["a"] * 5))
     assert "1 to 10 characters (MAX_STOP_CHARS)" in error_for(with_generation(stop=["x" * 11]))
     assert "1 to 10 characters" in error_for(with_generation(stop=[""]))
+
+
+def test_stop_at_section_is_on_unless_the_job_turns_it_off():
+    assert parse_job_input({"prompt_config": {"instruction": "Hi"}}, LIMITS).prompt_config.stop_at_section is True
+    kept = parse_job_input({"prompt_config": {"instruction": "Hi", "stop_at_section": False}}, LIMITS)
+    assert kept.prompt_config.stop_at_section is False
+    assert "prompt_config.stop_at_section: Input should be a valid boolean" in error_for(
+        {"prompt_config": {"instruction": "Hi", "stop_at_section": "no"}}
+    )
