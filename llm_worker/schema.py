@@ -43,6 +43,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class Limits:
     max_input_bytes: int = 1_000_000
@@ -80,13 +83,21 @@ class GenerationConfig(_Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=100_000)
     num_beams: int = Field(1, ge=1, le=8)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     min_new_tokens: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=64)
     do_sample: bool | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Text] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_within_deployment_limit(cls, data: Any, info: ValidationInfo) -> Any:
+        """Unset ``max_new_tokens`` is 128, or ``MAX_NEW_TOKENS_LIMIT`` where that is lower."""
+        if isinstance(data, dict) and "max_new_tokens" not in data:
+            data = {**data, "max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, _limits(info).max_new_tokens)}
+        return data
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -136,7 +147,7 @@ class GenerationConfig(_Strict):
 
 class JobInput(_Strict):
     prompt_config: PromptConfig
-    generation_config: GenerationConfig = GenerationConfig()
+    generation_config: GenerationConfig = Field(default_factory=dict, validate_default=True)  # default under the limits
     stream: bool = False
     adapter: Text | None = Field(None, min_length=1, max_length=200)
 
@@ -150,13 +161,20 @@ def _limits(info: ValidationInfo) -> Limits:
 
 
 def describe(error: ValidationError) -> str:
-    """One line per problem: ``field.path: rule``."""
+    """All problems on one line: ``field.path: rule; ...``."""
     parts = []
     for item in error.errors(include_url=False):
-        location = ".".join(str(part) for part in item["loc"]) or "input"
+        location = ".".join(_field_name(part) for part in item["loc"]) or "input"
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
+
+
+def _field_name(part: str | int) -> str:
+    """A key as sent, quoted and escaped where it is empty or holds a line break or other
+    unprintable character (an unknown key must not break the one-line error)."""
+    text = str(part)
+    return text if text.isprintable() and text else json.dumps(text)
 
 
 def parse_job_input(raw: Any, limits: Limits) -> JobInput | ListAdaptersInput:

@@ -138,6 +138,13 @@ def test_stop_strings_are_bounded_in_count_and_length():
     assert "1 to 10 characters" in error_for(with_generation(stop=[""]))
 
 
+@pytest.mark.parametrize("limit, default", [(512, 128), (64, 64)])
+def test_default_max_new_tokens_never_exceeds_the_deployment_limit(limit, default):
+    limits = Limits(max_new_tokens=limit)
+    for raw in ({"prompt_config": {"instruction": "Hi"}}, with_generation(temperature=0.5)):
+        assert parse_job_input(raw, limits).generation_config.max_new_tokens == default
+
+
 def test_stop_at_section_is_on_unless_the_job_turns_it_off():
     assert parse_job_input({"prompt_config": {"instruction": "Hi"}}, LIMITS).prompt_config.stop_at_section is True
     kept = parse_job_input({"prompt_config": {"instruction": "Hi", "stop_at_section": False}}, LIMITS)
@@ -145,3 +152,10 @@ def test_stop_at_section_is_on_unless_the_job_turns_it_off():
     assert "prompt_config.stop_at_section: Input should be a valid boolean" in error_for(
         {"prompt_config": {"instruction": "Hi", "stop_at_section": "no"}}
     )
+
+
+def test_an_unknown_key_with_a_line_break_keeps_the_error_on_one_line():
+    message = error_for({"prompt_config": {"instruction": "Hi", "a\nb": 1}, "": 2})
+    assert message.splitlines() == [message]
+    assert 'prompt_config."a\\nb": Extra inputs are not permitted' in message
+    assert '"": Extra inputs are not permitted' in message
