@@ -7,9 +7,9 @@ raises ``SettingsError``, one line per variable: its name, the value given and w
 from __future__ import annotations
 
 import re
-from types import UnionType
 from functools import cached_property
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
