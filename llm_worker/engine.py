@@ -239,11 +239,11 @@ class Engine:
     # ----------------------------------------------------------------- callers' side
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         footprint = len(request.prompt_ids) + request.config.max_new_tokens
-        if footprint > self.capacity_tokens:
+        if footprint > self.max_seq_len:
             raise EngineError(
                 f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                f"({request.config.max_new_tokens}) needs {footprint} tokens of KV cache; "
-                f"this worker holds at most {self.capacity_tokens}"
+                f"({request.config.max_new_tokens}) is {footprint} tokens; this worker holds at most "
+                f"{self.max_seq_len} for one request (KV cache {self.capacity_tokens} tokens)"
             )
         handle = RequestHandle()
         config = request.config
