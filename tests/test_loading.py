@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import logging
 import time
 
 import pytest
@@ -37,6 +38,22 @@ def test_auto_dtype_is_bfloat16_on_cpu(worker):
     assert next(worker.loaded.model.parameters()).dtype is torch.bfloat16
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_dtype_is_float16_with_8bit_weights(device):
+    """bitsandbytes' 8-bit matmul takes fp16 inputs; any other dtype is cast at every matmul."""
+    assert resolve_dtype("auto", torch.device(device), load_8bit=True) is torch.float16
+    assert resolve_dtype("bfloat16", torch.device(device), load_8bit=True) is torch.bfloat16
+
+
+def test_8bit_input_cast_is_logged_once_not_at_every_matmul(started, caplog):
+    worker = started(load_8bit=True, dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert "output" in worker.complete(job(FRANCE, max_new_tokens=3))
+    casts = [record for record in caplog.records if record.getMessage().startswith("MatMul8bitLt")]
+    assert len(casts) <= 1, f"{len(casts)} cast warnings for 6 tokens"
+
+
 def test_lora_weights_change_the_greedy_answer(started, pirate_adapter, fp32_worker):
     base = answer(fp32_worker)
     tuned = answer(started(dtype="float32", lora_weights=str(pirate_adapter)))
@@ -56,6 +73,8 @@ def test_merged_lora_gives_the_same_answer(started, pirate_adapter):
 def test_bitsandbytes_quantized_model_answers(started, bits, layer):
     worker = started(**{bits: True})
     assert worker.load_error is None
+    if bits == "load_8bit":
+        assert worker.loaded.dtype is torch.float16, "DTYPE=auto with 8-bit weights is float16"
     quantized = [m for m in worker.loaded.model.modules() if type(m).__name__ == layer]
     assert len(quantized) >= 7 * worker.loaded.model.config.num_hidden_layers
     result = answer(worker)
