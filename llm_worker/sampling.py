@@ -6,10 +6,11 @@ kernels whatever their mix: no per-row Python and no host round trip. Processors
 order of transformers' ``generate``: repetition penalty, bans (n-grams, end-of-sequence before
 ``min_new_tokens``), then temperature, top-k, top-p.
 
-Randomness is counter-based (vLLM's and JAX's idea): the noise of token ``t`` at a row's step
-``n`` is a hash of ``(seed, n, t)``. So a seeded answer does not depend on which other rows share
-the step, nor on how many steps the engine ran before; a sampled token is the winner of an
-exponential race (``argmax p / E``, equivalent to drawing from ``p``).
+Randomness is counter-based (as in JAX): a row's uniform number at its step ``n`` is a hash of
+``(seed, n)``, and the token is where it falls in the row's cumulative distribution (inverse
+transform: one number and one cumulative sum a row, no per-token noise). So a seeded answer does
+not depend on which other rows share the step, nor on how many steps the engine ran before. Only
+the rows that sample are drawn, and only rows with top-k or top-p pay for a sort.
 """
 
 from __future__ import annotations
@@ -51,12 +52,15 @@ class BatchParams:
 
     sample: torch.Tensor  # bool [rows]
     any_sample: bool
+    sampled_rows: torch.Tensor  # long: the rows that sample
+    truncate: bool  # whether some sampling row has top-k or top-p (they need a sort)
     temperature: torch.Tensor  # float [rows]
     top_k: torch.Tensor  # long [rows]
     top_p: torch.Tensor  # float [rows]
     penalty: torch.Tensor | None  # float [rows], only when some row has one
     seen: torch.Tensor | None  # bool [rows, vocab], only when some row has a penalty
     min_new_tokens: torch.Tensor  # long [rows]
+    any_min_new_tokens: bool
     seed: torch.Tensor  # long [rows]
 
     @classmethod
@@ -68,12 +72,15 @@ class BatchParams:
         return cls(
             sample=tensor([p.sample for p in params], torch.bool),
             any_sample=any(p.sample for p in params),
+            sampled_rows=tensor([i for i, p in enumerate(params) if p.sample], torch.long),
+            truncate=any(p.sample and (p.top_k or p.top_p < 1.0) for p in params),
             temperature=tensor([p.temperature for p in params], torch.float32),
             top_k=tensor([p.top_k for p in params], torch.long),
             top_p=tensor([p.top_p for p in params], torch.float32),
             penalty=tensor([p.repetition_penalty for p in params], torch.float32) if penalized else None,
             seen=torch.stack(seen_rows) if penalized and seen_rows else None,
             min_new_tokens=tensor([p.min_new_tokens for p in params], torch.long),
+            any_min_new_tokens=any(p.min_new_tokens for p in params),
             seed=tensor([p.seed for p in params], torch.long),
         )
 
@@ -101,7 +108,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     sorted_logits = sorted_logits.masked_fill(rank >= k, -float("inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None], 0.0)
     return probs, order
 
 
@@ -114,12 +121,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & 0x1FFFFFFFF)
 
 
-def exponential_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise [rows, n] that depends only on each row's seed and step, and the token id."""
-    row_key = _mix(seed * _GOLDEN + _mix(step + 1))
-    bits = _mix(row_key[:, None] + token_ids * _GOLDEN)
-    uniform = (((bits >> 40) & 0xFFFFFF).float() + 0.5) / 2**24  # in (0, 1)
-    return -torch.log(uniform)
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1) per row that depends only on the row's seed and step (float64)."""
+    bits = _mix(_mix(seed * _GOLDEN + _mix(step + 1)))
+    return (((bits >> 11) & (2**53 - 1)).double() + 0.5) / 2**53
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse transform sampling: the index where ``u`` falls in each row's cumulative ``probs``."""
+    cumulative = torch.cumsum(probs.double(), dim=-1)
+    target = (u * cumulative[:, -1])[:, None]
+    return torch.searchsorted(cumulative, target, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
 
 
 def sample(logits: torch.Tensor, params: BatchParams, generated: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,19 +158,25 @@ def sample_with_logprobs(
 
 def _sample(logits, params, generated, eos, banned) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
-    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
-    logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0)
+    total = logits.sum(dim=-1)  # NaN or +inf when any logit is (-inf alone is a legitimate ban)
+    bad = torch.isnan(total) | torch.isposinf(total)
     if params.penalty is not None:
         logits = apply_repetition_penalty(logits, params.seen, params.penalty)
     if banned is not None:
         logits = logits.masked_fill(banned, -float("inf"))
-    logits = ban_early_end(logits, generated, params.min_new_tokens, eos)
+    if params.any_min_new_tokens:
+        logits = ban_early_end(logits, generated, params.min_new_tokens, eos)
     chosen = logits.argmax(dim=-1)
     if params.any_sample:
-        probs, order = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
-        noise = exponential_noise(params.seed, generated, order)
-        drawn = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
-        chosen = torch.where(params.sample, drawn, chosen)
+        rows = params.sampled_rows
+        part = logits.index_select(0, rows)
+        temperature, u = params.temperature[rows], uniform(params.seed[rows], generated[rows])
+        if params.truncate:
+            probs, order = logits_to_probs(part, temperature, params.top_k[rows], params.top_p[rows])
+            drawn = order.gather(1, draw(probs, u)[:, None])[:, 0]
+        else:
+            drawn = draw(torch.softmax(part / temperature[:, None], dim=-1), u)
+        chosen = chosen.index_copy(0, rows, drawn)
     if params.seen is not None:
         params.seen.scatter_(1, chosen[:, None], True)
     return chosen.masked_fill(bad, BAD_ROW), logits
