@@ -16,6 +16,8 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llm_worker.prompts import file_templates
+
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BASE_ADAPTER_NAME = "base"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +85,11 @@ class Settings(BaseSettings):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings a job may give.")
     max_stop_chars: int = Field(200, ge=1, description="Longest stop string, in characters.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for /v1/chat/completions: Jinja text, or a prompt_config template name (alpaca, ...) "
+        "for one user turn; unset: the model's own.",
+    )
     log_level: str = Field(
         "INFO", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR; DEBUG adds job progress."
     )
@@ -107,6 +114,13 @@ class Settings(BaseSettings):
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"use {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
         return value.upper()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_or_name(cls, value: str | None) -> str | None:
+        if value is not None and value not in file_templates() and "{{" not in value and "{%" not in value:
+            raise ValueError(f"use a Jinja chat template or one of {', '.join(file_templates())}")
+        return value
 
     @field_validator("lora_adapters")
     @classmethod
