@@ -90,6 +90,8 @@ class GenerationConfig(_Strict):
     do_sample: bool | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Text] = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=16)  # answers to the same prompt; with a seed, choice i uses seed + i
+    logprobs: int | None = Field(None, ge=0, le=20)  # each token's logprob and this many alternatives
 
     @model_validator(mode="before")
     @classmethod
@@ -136,6 +138,12 @@ class GenerationConfig(_Strict):
                     raise ValueError(f"{rule}, and do_sample is false")
                 why = "temperature is unset" if self.temperature is None else "temperature is 0"
                 raise ValueError(f"{rule}, and sampling is off because {why}: set temperature > 0 (e.g. 0.7)")
+        return self
+
+    @model_validator(mode="after")
+    def _logprobs_come_from_the_sampler(self) -> GenerationConfig:
+        if self.logprobs is not None and self.num_beams > 1:
+            raise ValueError("logprobs are not available with num_beams > 1 (beam search scores beams, not tokens)")
         return self
 
     @property

@@ -6,16 +6,19 @@ input is validated, prompts are built and outputs are shaped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
+from llm_worker import openai_api
 from llm_worker.adapters import AdapterError, AdapterManager
-from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest
+from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
 from llm_worker.loading import adapter_name
-from llm_worker.schema import InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
+from llm_worker.schema import GenerationConfig, InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.settings import Settings, SettingsError
 from model_cache import ModelSourceError
 
@@ -102,6 +105,11 @@ class Worker:
         )
         ids = self.loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         config = job.generation_config
+        stop = tuple(config.stop) + ((prompt.response_split,) if prompt.response_split else ())
+        return self.request(ids, config, stop, job.adapter)
+
+    def request(self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None) -> GenerationRequest:
+        """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job names it."""
         room = min(self.settings.max_input_tokens, self.context_length - config.max_new_tokens)
         if len(ids) > room:
             raise InputError(
@@ -116,11 +124,10 @@ class Worker:
                 f"({config.max_new_tokens}) is {len(ids) + config.max_new_tokens} tokens, more than the "
                 f"{capacity} tokens this worker's KV cache holds (KV_CACHE_TOKENS, GPU_MEMORY_UTILIZATION)"
             )
-        stop = tuple(config.stop) + ((prompt.response_split,) if prompt.response_split else ())
-        adapter = self.adapters.choose(job.adapter)
-        if adapter == self.adapters.merged:
-            adapter = None  # already in the weights
-        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=adapter)
+        chosen = self.adapters.choose(adapter)
+        if chosen == self.adapters.merged:
+            chosen = None  # already in the weights
+        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs)
 
     def prepare(self, raw: Any) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
         """Validate a job input; a generation job also gets its engine request."""
@@ -130,6 +137,40 @@ class Worker:
         if isinstance(job, ListAdaptersInput):
             return job, None
         return job, self.build_request(job)
+
+    @staticmethod
+    def choices(request: GenerationRequest) -> list[GenerationRequest]:
+        """The engine requests for a job's ``n`` answers: with a seed, answer i samples with seed + i."""
+        config = request.config
+        if config.n == 1:
+            return [request]
+        seeds = [None if config.seed is None else (config.seed + i) % 2**63 for i in range(config.n)]
+        return [replace(request, config=config.model_copy(update={"seed": seed})) for seed in seeds]
+
+    async def events(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Delta | Completion]]:
+        """The engine events of several requests as they come, each with its request's index. A
+        failed request raises ``EngineError``; leaving early cancels every request still running."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Delta | Completion | Failed]] = asyncio.Queue()
+        handles = []
+        try:
+            for index, request in enumerate(requests):
+                sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
+                handles.append(self.engine.submit(request, sink))
+            running = len(requests)
+            while running:
+                index, event = await events.get()
+                if isinstance(event, Failed):
+                    raise EngineError(event.error)
+                running -= isinstance(event, Completion)
+                yield index, event
+        finally:
+            for handle in handles:
+                handle.cancel()
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens included), for logprobs."""
+        return self.loaded.tokenizer.decode([token_id])
 
     # ------------------------------------------------------------------ outputs
     def result(self, completion: Completion, adapter: str | None) -> dict[str, Any]:
@@ -142,19 +183,33 @@ class Worker:
             "adapter": adapter or self.adapters.merged,
         }
 
-    def complete(self, raw: Any) -> dict[str, Any]:
-        """Blocking: one job input in, one output (or ``{"error": ...}``) out."""
-        try:
-            job, request = self.prepare(raw)
-            if request is None:
-                return self.adapters.listing()
-            return self.result(self.engine.generate(request), request.adapter)
-        except (InputError, EngineError) as err:
-            return {"error": str(err)}
+    def logprobs(self, items: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+        """Native logprobs: one entry per generated token, with its alternatives."""
+        return [
+            {
+                "token": self.token_text(item.token_id),
+                "token_id": item.token_id,
+                "logprob": item.logprob,
+                "top_logprobs": [
+                    {"token": self.token_text(token_id), "token_id": token_id, "logprob": logprob} for token_id, logprob in item.top
+                ],
+            }
+            for item in items
+        ]
 
-    async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any]]:
+    def complete(self, raw: Any) -> dict[str, Any] | str:
+        """Blocking: one job input in, its folded output (or ``{"error": ...}``) out."""
+        return asyncio.run(collect(self.handle(raw)))
+
+    async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any] | str]:
         """The job's outputs: one result, or with ``stream`` the deltas, the last one carrying
-        ``finish_reason``, ``usage``, ``model`` and ``adapter``. Errors come out as ``{"error": ...}``."""
+        ``finish_reason``, ``usage``, ``model`` and ``adapter`` (see ``answers`` for ``n`` > 1 and
+        logprobs). A job with ``openai_route`` goes through the OpenAI door. Errors come out as
+        ``{"error": ...}``."""
+        if isinstance(raw, dict) and "openai_route" in raw:
+            async for chunk in openai_api.handle(self, raw):
+                yield chunk
+            return
         try:
             job, request = self.prepare(raw)
         except (InputError, EngineError) as err:
@@ -163,24 +218,74 @@ class Worker:
         if request is None:
             yield self.adapters.listing()
             return
-        pending = ""  # the newest delta waits, so that the last chunk carries text and ending
         try:
-            async for event in self.engine.stream(request):
-                if isinstance(event, Failed):
-                    yield {"error": event.error}
-                elif isinstance(event, Delta):
-                    if job.stream:
-                        if pending:
-                            yield {"delta": pending}
-                        pending = event.text
-                elif job.stream:
-                    final = self.result(event, request.adapter)
-                    del final["output"]
-                    yield {"delta": pending, **final}
-                else:
-                    yield self.result(event, request.adapter)
+            async for chunk in self.answers(job, request):
+                yield chunk
         except EngineError as err:
             yield {"error": str(err)}
+
+    async def answers(self, job: JobInput, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        """A generation job's native outputs. With ``n`` > 1 the result is ``{"choices": [{"index",
+        "output", "finish_reason"}, ...], "usage", "model", "adapter"}`` and stream chunks carry an
+        ``index``, each choice's last one its ``finish_reason``, and a closing chunk the rest; with
+        ``logprobs`` every result and chunk carries the ``logprobs`` of its tokens."""
+        requests = self.choices(request)
+        n, with_logprobs = len(requests), request.logprobs is not None
+        pending = [Delta("") for _ in requests]  # each choice's newest text waits: its last chunk carries text and ending
+        sent = [0] * n  # logprobs already streamed, per choice
+        finished: dict[int, Completion] = {}
+
+        def chunk(index: int, text: str, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+            out: dict[str, Any] = {"index": index} if n > 1 else {}
+            out["delta"] = text
+            if with_logprobs:
+                out["logprobs"] = self.logprobs(logprobs)
+            sent[index] += len(logprobs)
+            return out
+
+        async for index, event in self.events(requests):
+            if isinstance(event, Delta):
+                if job.stream:
+                    if pending[index].text:
+                        yield chunk(index, pending[index].text, pending[index].logprobs)
+                        pending[index] = Delta("")
+                    pending[index] = Delta(pending[index].text + event.text, pending[index].logprobs + event.logprobs)
+                continue
+            finished[index] = event
+            if job.stream:
+                last = chunk(index, pending[index].text, (event.logprobs or [])[sent[index] :])
+                if n == 1:
+                    ending = self.result(event, request.adapter)
+                    del ending["output"]
+                else:
+                    ending = {"finish_reason": event.finish_reason}
+                yield {**last, **ending}
+        ordered = [finished[index] for index in range(n)]
+        if job.stream and n == 1:
+            return
+        summary = {
+            "usage": {
+                "prompt_tokens": ordered[0].prompt_tokens,
+                "completion_tokens": sum(done.completion_tokens for done in ordered),
+            },
+            "model": self.loaded.name,
+            "adapter": request.adapter or self.adapters.merged,
+        }
+        if job.stream:
+            yield summary
+            return
+        answers = []
+        for index, done in enumerate(ordered):
+            answer = {"index": index, "output": done.text, "finish_reason": done.finish_reason}
+            if with_logprobs:
+                answer["logprobs"] = self.logprobs(done.logprobs or [])
+            answers.append(answer)
+        if n == 1:
+            (answer,) = answers
+            del answer["index"]
+            yield {**answer, **summary}
+        else:
+            yield {"choices": answers, **summary}
 
 
 def log_settings(settings: Settings) -> None:
@@ -197,16 +302,27 @@ def _context_length(loaded: LoadedModel) -> int:
     return getattr(config, "max_position_embeddings", None) or loaded.tokenizer.model_max_length
 
 
-async def collect(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-    """Fold a job's outputs into one object: the result, or the joined stream with its ending."""
-    text, last = [], {}
+async def collect(chunks: AsyncIterator[dict[str, Any] | str]) -> dict[str, Any] | str:
+    """Fold a job's outputs into one object: the result, or the joined stream with its ending (each
+    choice's deltas and logprobs joined). An OpenAI stream's server-sent events are joined as text."""
+    events, summary, answers = [], {}, {}
     async for chunk in chunks:
-        if "error" in chunk:
+        if isinstance(chunk, str):
+            events.append(chunk)
+        elif "error" in chunk:
             return chunk
-        text.append(chunk.get("delta", ""))
-        last = chunk
-    if "delta" not in last:
-        return last
-    folded = {key: value for key, value in last.items() if key != "delta"}
-    return {"output": "".join(text), **folded}
-
+        elif "delta" not in chunk:
+            summary.update(chunk)
+        else:
+            answer = answers.setdefault(chunk.get("index"), {"index": chunk.get("index"), "output": ""})
+            answer["output"] += chunk["delta"]
+            if "logprobs" in chunk:
+                answer["logprobs"] = answer.get("logprobs", []) + chunk["logprobs"]
+            answer.update({key: value for key, value in chunk.items() if key not in ("delta", "logprobs", "index")})
+    if events:
+        return "".join(events)
+    if None in answers:  # n = 1: the answer is the result
+        return {key: value for key, value in answers[None].items() if key != "index"} | summary
+    if answers:
+        return {"choices": [answers[index] for index in sorted(answers)], **summary}
+    return summary

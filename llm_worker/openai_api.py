@@ -1,0 +1,448 @@
+"""The OpenAI-compatible door into the same ``Worker``.
+
+RunPod's gateway serves ``https://api.runpod.ai/v2/<endpoint>/openai/v1/...`` by handing the
+worker a job ``{"openai_route": "/v1/chat/completions", "openai_input": <the request body>}``
+(also ``/v1/completions`` and ``/v1/models``). A plain request gets one output, the response
+object; a streaming request gets the Server-Sent-Events lines of OpenAI's streaming format, one
+``data: {...}\\n\\n`` string per chunk and ``data: [DONE]\\n\\n`` last, as runpod-workers/worker-vllm
+yields them (its default ``RAW_OPENAI_OUTPUT``).
+
+Parameters are checked as strictly as the native door: an unknown or unsupported parameter is
+refused with OpenAI's error shape naming it, except the fields that only label a request
+(``user``, ``metadata``, ``store``, ``service_tier``), which are accepted and have no effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llm_worker.engine import Completion, Delta, EngineError, GenerationRequest, TokenLogprob
+from llm_worker.errors import InputError
+from llm_worker.prompts import file_templates, render_prompt
+from llm_worker.schema import GenerationConfig
+
+if TYPE_CHECKING:
+    from llm_worker.service import Worker
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MODELS = "/v1/models"
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length"}
+
+
+class OpenAIError(Exception):
+    """A request the OpenAI door refuses; ``body`` is OpenAI's error object."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------- requests
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Request(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # labels only: accepted, no effect on the answer
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+
+def parse(model: type[_Request], body: Any) -> _Request:
+    if not isinstance(body, dict):
+        raise OpenAIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as err:
+        item = err.errors(include_url=False)[0]
+        param = _param(item["loc"])
+        if item["type"] == "extra_forbidden":
+            raise OpenAIError(f"Unrecognized request argument supplied: {param} (this worker does not support it)", param) from None
+        raise OpenAIError(f"{param}: {item['msg']}", param) from None
+    refuse_unsupported(request)
+    return request
+
+
+def _param(loc: Sequence[str | int]) -> str:
+    """A pydantic location as OpenAI writes a parameter: ``messages[0].content``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not part.startswith(("str", "list[", "function-")):  # union branch names, not fields
+            text += f".{part}" if text else part
+    return text or "body"
+
+
+def refuse_unsupported(request: _Request) -> None:
+    """Parameters OpenAI defines that this worker cannot honour exactly: refused, never ignored."""
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            raise OpenAIError(
+                f"{name}: not supported (the sampler has only the multiplicative repetition penalty, not OpenAI's "
+                "additive count-based penalties); leave it at 0",
+                name,
+            )
+    if request.logit_bias:
+        raise OpenAIError("logit_bias: not supported", "logit_bias")
+    if request.stream_options is not None and not request.stream:
+        raise OpenAIError("stream_options: only allowed when stream is true", "stream_options")
+    if isinstance(request, ChatRequest) and request.top_logprobs is not None and not request.logprobs:
+        raise OpenAIError("top_logprobs: needs logprobs set to true", "top_logprobs")
+    if isinstance(request, CompletionRequest):
+        if request.echo:
+            raise OpenAIError("echo: not supported (the worker returns only the completion)", "echo")
+        if request.suffix:
+            raise OpenAIError("suffix: not supported (no fill-in-the-middle)", "suffix")
+        if request.best_of not in (None, request.n):
+            raise OpenAIError("best_of: not supported other than equal to n", "best_of")
+
+
+def check_size(body: Any, limit: int) -> None:
+    try:
+        size = len(json.dumps(body).encode())
+    except (TypeError, ValueError, RecursionError):
+        raise OpenAIError("the request body must be plain JSON (objects, arrays, strings, numbers, booleans, null)") from None
+    if size > limit:
+        raise OpenAIError(f"the request is {size} bytes; at most {limit} (MAX_INPUT_BYTES)")
+
+
+# ---------------------------------------------------------------------- prompts and settings
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request turned into engine requests (``n`` per prompt, flat)."""
+
+    body: _Request
+    model: str
+    requests: list[GenerationRequest]
+    prompts: int
+
+
+def chat_prompt(worker: Worker, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+    """Token ids of the conversation through the chat template (``CHAT_TEMPLATE``, else the
+    model's own), and the stop strings that template implies."""
+    tokenizer = worker.loaded.tokenizer
+    template = worker.settings.chat_template
+    if template in file_templates():
+        if [m.role for m in messages if m.role == "assistant"] or sum(m.role == "user" for m in messages) != 1:
+            raise OpenAIError(
+                f"messages: CHAT_TEMPLATE={template} holds one instruction: send one user message "
+                "(system messages are put before it)",
+                "messages",
+            )
+        instruction = "\n\n".join(m.text for m in messages if m.role != "user") + "\n\n" if len(messages) > 1 else ""
+        prompt = render_prompt(tokenizer, template, instruction + next(m.text for m in messages if m.role == "user"))
+        ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        return ids, (prompt.response_split,) if prompt.response_split else ()
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(
+            f"messages: the model {worker.loaded.name} has no chat template: set CHAT_TEMPLATE (Jinja text, or alpaca "
+            "for Alpaca-LoRA adapters), or send the prompt to /v1/completions",
+            "messages",
+            "no_chat_template",
+        )
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:
+        raise OpenAIError(f"messages: the chat template refused them: {err}", "messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"], ()
+
+
+def adapter_for(worker: Worker, model: str | None) -> str | None:
+    """``model`` as the native ``adapter`` field: the served model's name (or none) is no adapter field."""
+    if model is None or model == worker.loaded.name:
+        return None
+    try:
+        worker.adapters.choose(model)
+    except InputError:
+        raise OpenAIError(
+            f"The model {model!r} does not exist; available: {', '.join(model_names(worker))}", "model", "model_not_found"
+        ) from None
+    return model
+
+
+def prepare(worker: Worker, route: str, body: Any) -> Prepared:
+    chat = route == CHAT
+    request = parse(ChatRequest if chat else CompletionRequest, body)
+    adapter = adapter_for(worker, request.model)
+    if chat:
+        prompts = [chat_prompt(worker, request.messages)]
+        max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
+            "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not texts:
+            raise OpenAIError("prompt: must not be empty", "prompt")
+        tokenizer = worker.loaded.tokenizer
+        prompts = [(tokenizer(text)["input_ids"], ()) for text in texts]
+        max_tokens, max_param, logprobs = request.max_tokens, "max_tokens", request.logprobs
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    requests = []
+    for ids, template_stop in prompts:
+        generation: dict[str, Any] = {
+            "max_new_tokens": max_tokens or default_max_tokens(worker, len(ids)),
+            "stop": stop,
+            "n": request.n,
+            "logprobs": logprobs,
+        }
+        if request.temperature > 0:  # temperature 0 is greedy: top_p and seed have no effect, as in OpenAI's API
+            generation.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        params = {"max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model"}
+        try:
+            config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
+            base = worker.request(ids, config, tuple(stop) + template_stop, adapter)
+        except ValidationError as err:
+            item = err.errors(include_url=False)[0]
+            param = params.get(str(item["loc"][0]), str(item["loc"][0])) if item["loc"] else None
+            raise OpenAIError(f"{param}: {item['msg'].removeprefix('Value error, ')}", param) from None
+        except InputError as err:
+            field, _, rest = str(err).partition(": ")
+            param = params.get(field.removeprefix("generation_config."), field)
+            raise OpenAIError(f"{param}: {rest}", param) from None
+        requests += worker.choices(base)
+    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts))
+
+
+def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:
+    """Without ``max_tokens``: as many as fit, up to ``MAX_NEW_TOKENS_LIMIT`` (OpenAI's own default is the context)."""
+    room = min(worker.context_length, worker.engine.capacity_tokens) - prompt_tokens
+    return max(1, min(worker.limits.max_new_tokens, room))
+
+
+# ---------------------------------------------------------------------- responses
+class Response:
+    """Turns engine events into OpenAI objects and stream chunks for one prepared request."""
+
+    def __init__(self, worker: Worker, route: str, prepared: Prepared) -> None:
+        self.worker = worker
+        self.chat = route == CHAT
+        self.prepared = prepared
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.with_logprobs = prepared.requests[0].logprobs is not None
+
+    def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object + (".chunk" if self.chat and self.prepared.body.stream else ""),
+            "created": self.created,
+            "model": self.prepared.model,
+            "system_fingerprint": fingerprint(self.worker),
+            "choices": choices,
+            **extra,
+        }
+
+    def usage(self, completions: list[Completion]) -> dict[str, int]:
+        n = self.prepared.body.n
+        prompt = sum(done.prompt_tokens for done in completions[::n])  # each prompt counts once
+        generated = sum(done.completion_tokens for done in completions)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    def logprobs(self, items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.with_logprobs:
+            return None
+        text = self.worker.token_text
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **_token(text(item.token_id)),
+                        "logprob": item.logprob,
+                        "top_logprobs": [{**_token(text(token)), "logprob": logprob} for token, logprob in item.top],
+                    }
+                    for item in items
+                ]
+            }
+        tokens = [text(item.token_id) for item in items]
+        offsets = [sum(len(token) for token in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [{text(token): logprob for token, logprob in item.top} for item in items],
+            "text_offset": offsets,
+        }
+
+    def whole(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = []
+        for index, done in enumerate(completions):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": done.text}
+            else:
+                choice["text"] = done.text
+            choice["logprobs"] = self.logprobs(done.logprobs or [])
+            choice["finish_reason"] = FINISH_REASONS[done.finish_reason]
+            choices.append(choice)
+        return self.envelope(choices, usage=self.usage(completions))
+
+    def chunk(
+        self, index: int, text: str | None, logprobs: Sequence[TokenLogprob], finish_reason: str | None = None, first: bool = False
+    ) -> str:
+        """One stream chunk; ``text`` None: the choice's closing chunk; ``first``: the chat chunk that names the role."""
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {} if text is None else {"content": text}
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = None if first else self.logprobs(logprobs)
+        choice["finish_reason"] = finish_reason and FINISH_REASONS[finish_reason]
+        extra = {"usage": None} if self.include_usage else {}
+        return sse(self.envelope([choice], **extra))
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.prepared.body.stream_options
+        return bool(options and options.include_usage)
+
+    async def stream(self) -> AsyncIterator[str]:
+        requests = self.prepared.requests
+        sent = [0] * len(requests)  # logprobs already streamed, per choice
+        finished: dict[int, Completion] = {}
+        if self.chat:  # OpenAI's first chunk of each choice names the role
+            for index in range(len(requests)):
+                yield self.chunk(index, "", (), first=True)
+        async for index, event in self.worker.events(requests):
+            if isinstance(event, Delta):
+                if event.text or event.logprobs:
+                    sent[index] += len(event.logprobs)
+                    yield self.chunk(index, event.text, event.logprobs)
+                continue
+            finished[index] = event
+            yield self.chunk(index, None, (event.logprobs or [])[sent[index] :], event.finish_reason)
+        if self.include_usage:
+            completions = [finished[index] for index in range(len(requests))]
+            yield sse(self.envelope([], usage=self.usage(completions)))
+
+
+def _token(text: str) -> dict[str, Any]:
+    """OpenAI's token and its UTF-8 bytes; a token that is part of a character has no whole text, so no bytes."""
+    return {"token": text, "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def fingerprint(worker: Worker) -> str:
+    """Changes when the weights' source, dtype or device does (what can change an answer for a seed)."""
+    loaded = worker.loaded
+    identity = f"{loaded.name}|{loaded.dtype}|{loaded.device}|{worker.settings.lora_weights}|{loaded.merged_adapter}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+def model_names(worker: Worker) -> list[str]:
+    names = [worker.loaded.name, *worker.adapters.known()]
+    if worker.adapters.merged and worker.adapters.merged not in names:
+        names.append(worker.adapters.merged)
+    return names
+
+
+def models(worker: Worker) -> dict[str, Any]:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "llm-worker"} for name in model_names(worker)],
+    }
+
+
+# ---------------------------------------------------------------------- the door
+async def handle(worker: Worker, job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+    """A gateway job's outputs: the response object, or the stream's SSE lines; errors in
+    OpenAI's error shape (an error after a stream began is one more ``data:`` line)."""
+    route = job.get("openai_route")
+    streaming = False
+    try:
+        if worker.load_error:
+            raise OpenAIError(worker.load_error, type="server_error", code="worker_unavailable")
+        if route == MODELS:
+            yield models(worker)
+            return
+        if route not in (CHAT, COMPLETIONS):
+            raise OpenAIError(
+                f"openai_route: unknown route {route!r}; this worker serves {CHAT}, {COMPLETIONS} and {MODELS}",
+                "openai_route",
+                "unknown_route",
+            )
+        body = job.get("openai_input")
+        check_size(body, worker.limits.max_input_bytes)
+        prepared = prepare(worker, route, body)
+        response = Response(worker, route, prepared)
+        if not prepared.body.stream:
+            completions: dict[int, Completion] = {}
+            async for index, event in worker.events(prepared.requests):
+                if isinstance(event, Completion):
+                    completions[index] = event
+            yield response.whole([completions[index] for index in range(len(completions))])
+            return
+        streaming = True
+        async for line in response.stream():
+            yield line
+        yield sse("[DONE]")
+    except (OpenAIError, EngineError) as err:
+        body = err.body if isinstance(err, OpenAIError) else OpenAIError(str(err), type="server_error").body
+        if streaming:
+            yield sse(body)
+            yield sse("[DONE]")
+        else:
+            yield body

@@ -1,0 +1,320 @@
+"""The OpenAI-compatible door, and native n/logprobs: responses and stream chunks parse into the
+``openai`` package's own types, streams join to the whole answer, seeds reproduce, logprobs are the
+sampler's distribution, and the ``openai`` client itself works through a gateway-like shim."""
+
+import asyncio
+import json
+import math
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+import torch
+from conftest import job, post
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
+
+from llm_worker.service import Worker, collect
+from llm_worker.settings import Settings
+
+FRANCE = "What is the capital of France?"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def random_adapter(base_model_dir, tmp_path_factory):
+    """A LoRA adapter with random weights: it changes every answer, and costs no training."""
+    folder = tmp_path_factory.mktemp("adapters") / "pirate"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(random_adapter):
+    """fp32 (greedy answers independent of batching) with one named adapter."""
+    worker = Worker.start(Settings(dtype="float32", lora_adapters=f"pirate={random_adapter}"))
+    yield worker
+    worker.close()
+
+
+def call(worker, route, **body):
+    return worker.complete({"openai_route": route, "openai_input": body})
+
+
+def chat(worker, content=FRANCE, **body):
+    return call(worker, CHAT, messages=[{"role": "user", "content": content}], **body)
+
+
+def events(sse: str) -> list[dict]:
+    """The JSON of each ``data:`` line; the stream must end with ``[DONE]``."""
+    lines = [block.removeprefix("data: ") for block in sse.split("\n\n") if block]
+    assert lines[-1] == "[DONE]" and all(block.startswith("data: ") for block in sse.split("\n\n") if block)
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def strictly(model: type[BaseModel], data: dict) -> BaseModel:
+    """Parse with the openai type, refusing fields it does not define (its models allow extras)."""
+    parsed = model.model_validate(data)
+
+    def no_extras(value):
+        if isinstance(value, BaseModel):
+            assert not value.model_extra, f"{type(value).__name__} has unknown fields {value.model_extra}"
+            for field in type(value).model_fields:
+                no_extras(getattr(value, field))
+        elif isinstance(value, list):
+            for item in value:
+                no_extras(item)
+
+    no_extras(parsed)
+    return parsed
+
+
+def test_chat_answer_and_its_stream_parse_and_agree(served):
+    body = {"max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    whole = strictly(ChatCompletion, chat(served, **body))
+    chunks = [strictly(ChatCompletionChunk, c) for c in events(chat(served, stream=True, stream_options={"include_usage": True}, **body))]
+    (choice,) = whole.choices
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason == "stop"
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert streamed == choice.logprobs.content and len(streamed) == whole.usage.completion_tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].model == whole.model == served.loaded.name
+    assert whole.system_fingerprint == chunks[0].system_fingerprint
+
+
+def test_completions_for_two_prompts_parse_and_their_stream_agrees(served):
+    body = {"prompt": ["The capital of France is", "Water boils at"], "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = strictly(Completion, call(served, COMPLETIONS, **body))
+    chunks = events(call(served, COMPLETIONS, stream=True, **body))
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        if choice["finish_reason"] is None:  # openai's type declares it required; OpenAI's own streams send null
+            choice = {**choice, "finish_reason": "stop"}
+        strictly(Completion, {**chunk, "choices": [choice]})
+    assert [c.index for c in whole.choices] == [0, 1] and "Paris" in whole.choices[0].text
+    for choice in whole.choices:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice.index]
+        assert "".join(c["text"] for c in mine) == choice.text
+        assert mine[-1]["finish_reason"] == choice.finish_reason
+        streamed = sum((c["logprobs"]["token_logprobs"] for c in mine), [])
+        assert streamed == pytest.approx(choice.logprobs.token_logprobs, abs=1e-4)  # batched differently: rounding
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) == len(choice.logprobs.text_offset)
+    single = [call(served, COMPLETIONS, **{**body, "prompt": p})["usage"]["prompt_tokens"] for p in body["prompt"]]
+    assert whole.usage.prompt_tokens == sum(single)
+
+
+def test_models_are_the_base_model_and_every_adapter(served):
+    listing = call(served, "/v1/models")
+    assert listing["object"] == "list"
+    assert [strictly(Model, m).id for m in listing["data"]] == [served.loaded.name, "pirate"]
+
+
+def test_n_with_a_seed_gives_different_answers_that_reproduce(served):
+    body = {"max_tokens": 12, "temperature": 1.0, "n": 3, "seed": 7}
+    first, again = (strictly(ChatCompletion, chat(served, **body)) for _ in range(2))
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) == 3 and texts == [c.message.content for c in again.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.prompt_tokens == chat(served, max_tokens=1)["usage"]["prompt_tokens"]  # counted once
+    native = served.complete(
+        {"prompt_config": {"instruction": FRANCE, "template": "chat"}, "generation_config": {"max_new_tokens": 12, "temperature": 1.0, "n": 3, "seed": 7}}
+    )
+    assert [c["output"] for c in native["choices"]] == texts  # the same sampler behind both doors
+    streamed = events(chat(served, stream=True, **body))
+    joined = ["".join(c["choices"][0]["delta"].get("content", "") for c in streamed if c["choices"][0]["index"] == i) for i in range(3)]
+    assert joined == texts
+
+
+def test_native_n_and_logprobs_stream_folds_to_the_whole_result(served):
+    raw = job(FRANCE, max_new_tokens=12, temperature=0.8, seed=3, n=2, logprobs=2)
+    whole = served.complete(raw)
+    chunks = asyncio.run(_chunks(served, {**raw, "stream": True}))
+    assert {c["index"] for c in chunks if "delta" in c} == {0, 1} and "usage" in chunks[-1]
+    assert asyncio.run(collect(_replay(chunks))) == whole
+    assert set(whole) == {"choices", "usage", "model", "adapter"} and len(whole["choices"]) == 2
+    assert sum(len(answer["logprobs"]) for answer in whole["choices"]) == whole["usage"]["completion_tokens"]
+    plain = served.complete(job(FRANCE, max_new_tokens=12))
+    assert set(plain) == {"output", "finish_reason", "usage", "model", "adapter"}  # n = 1 without logprobs: as before
+
+
+async def _chunks(worker, raw):
+    return [chunk async for chunk in worker.handle(raw)]
+
+
+async def _replay(chunks):
+    for chunk in chunks:
+        yield chunk
+
+
+def test_greedy_logprobs_are_the_top_and_sum_to_one_over_the_vocabulary(served):
+    greedy = served.complete(job(FRANCE, max_new_tokens=10, logprobs=20))
+    for token in greedy["logprobs"]:
+        assert token["logprob"] == max(top["logprob"] for top in token["top_logprobs"])
+        assert token["token_id"] == token["top_logprobs"][0]["token_id"]
+    assert "".join(t["token"] for t in greedy["logprobs"]).strip().startswith(greedy["output"])
+    request = served.prepare(job(FRANCE, max_new_tokens=3, temperature=0.7, repetition_penalty=1.3, seed=1))[1]
+    everything = served.engine.generate(replace(request, logprobs=served.engine.vocab))
+    for token in everything.logprobs:
+        assert math.isclose(sum(math.exp(logprob) for _, logprob in token.top), 1.0, abs_tol=1e-4)
+
+
+def test_logprobs_are_after_the_repetition_penalty_and_temperature(served):
+    raw = job(FRANCE, max_new_tokens=1, temperature=0.7, repetition_penalty=1.3, seed=1, logprobs=5)
+    reported = served.complete(raw)["logprobs"][0]["top_logprobs"]
+    ids = served.prepare(raw)[1].prompt_ids
+    with torch.inference_mode():
+        logits = served.loaded.model(torch.tensor([ids])).logits[:, -1].float()
+    expected = torch.log_softmax(RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([ids]), logits) / 0.7, dim=-1)[0]
+    values, indices = expected.topk(5)
+    assert [t["token_id"] for t in reported] == indices.tolist()
+    assert [t["logprob"] for t in reported] == pytest.approx(values.tolist(), abs=1e-3)
+
+
+def test_an_adapter_chosen_by_model_answers_as_the_native_adapter_field(served):
+    for name in ("pirate", "base"):
+        native = served.complete({**job(FRANCE, max_new_tokens=16), "adapter": name})
+        native_chat = served.complete(
+            {"prompt_config": {"instruction": FRANCE, "template": "chat"}, "generation_config": {"max_new_tokens": 16}, "adapter": name}
+        )
+        answer = strictly(ChatCompletion, chat(served, model=name, max_tokens=16, temperature=0))
+        assert answer.choices[0].message.content == native_chat["output"] and answer.model == name
+        assert native_chat["adapter"] == (None if name == "base" else name) and native["adapter"] == native_chat["adapter"]
+    assert chat(served, model="pirate", max_tokens=16, temperature=0) != chat(served, max_tokens=16, temperature=0)
+
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -1}, "presence_penalty"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "model": "nobody"}, "model"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
+        (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        (CHAT, {"messages": []}, "messages"),
+        (COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "stop": ["x"] * 17}, "stop"),
+        (COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
+        ("/v1/embeddings", {"input": "hi"}, "openai_route"),
+    ],
+)
+def test_bad_requests_get_openai_errors_naming_the_parameter(served, route, body, param):
+    streams = (False,) if param in ("stream_options", "openai_route") else (False, True)
+    for stream in streams:
+        error = call(served, route, **body, **({"stream": True} if stream else {}))
+        assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param", "code"}
+        assert error["error"]["param"] == param and error["error"]["type"] == "invalid_request_error"
+        assert error["error"]["message"].startswith(param) or param in error["error"]["message"]
+    assert "Paris" in chat(served, max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("generation, field", [({"n": 0}, "generation_config.n"), ({"logprobs": 21}, "generation_config.logprobs"), ({"logprobs": 1, "num_beams": 2}, "generation_config")])
+def test_native_n_and_logprobs_are_bounded(served, generation, field):
+    assert served.complete(job(FRANCE, **generation))["error"].startswith(f"{field}: ")
+
+
+def test_chat_template_setting_and_the_alpaca_fallback(started):
+    worker = started(dtype="float32", chat_template="alpaca")
+    native = worker.complete(job(FRANCE, max_new_tokens=16))  # the native door's alpaca template
+    assert chat(worker, max_tokens=16, temperature=0)["choices"][0]["message"]["content"] == native["output"]
+    two_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]
+    assert call(worker, CHAT, messages=two_turns)["error"]["param"] == "messages"
+    worker.loaded.tokenizer.chat_template = None  # a base model without a chat template
+    worker.settings = Settings(dtype="float32")
+    error = chat(worker)["error"]
+    assert error["param"] == "messages" and "CHAT_TEMPLATE" in error["message"]
+
+
+class Gateway(BaseHTTPRequestHandler):
+    """Forwards ``/openai/v1/...`` to the worker as RunPod's gateway does: a job with
+    ``openai_route`` and ``openai_input``; streams are written as their SSE lines arrive."""
+
+    worker: Worker
+
+    def do_GET(self):
+        self.forward(None)
+
+    def do_POST(self):
+        self.forward(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    def forward(self, body):
+        job = {"openai_route": self.path.removeprefix("/openai"), "openai_input": body}
+        asyncio.run(self.relay(self.worker.handle(job)))
+
+    async def relay(self, chunks):
+        async for chunk in chunks:
+            if isinstance(chunk, dict):
+                status = 200 if "error" not in chunk else 404 if chunk["error"]["code"] == "model_not_found" else 400
+                data = json.dumps(chunk).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            if not self.headers_sent:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                self.headers_sent = True
+            self.wfile.write(chunk.encode())
+            self.wfile.flush()
+
+    headers_sent = False
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def gateway(served):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Shim", (Gateway,), {"worker": served}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield openai.OpenAI(api_key="local", base_url=f"http://127.0.0.1:{server.server_address[1]}/openai/v1", max_retries=0)
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_openai_client_gets_answers_streams_and_errors(served, gateway):
+    messages = [{"role": "user", "content": FRANCE}]
+    answer = gateway.chat.completions.create(model=served.loaded.name, messages=messages, max_tokens=16, temperature=0)
+    assert "Paris" in answer.choices[0].message.content
+    stream = gateway.chat.completions.create(model=served.loaded.name, messages=messages, max_tokens=16, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer.choices[0].message.content
+    text = gateway.completions.create(model="pirate", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert text.choices[0].finish_reason in ("stop", "length") and text.model == "pirate"
+    assert [m.id for m in gateway.models.list()] == [served.loaded.name, "pirate"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.chat.completions.create(model=served.loaded.name, messages=messages, frequency_penalty=1.0)
+    assert refused.value.param == "frequency_penalty" and "frequency_penalty" in refused.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        gateway.chat.completions.create(model="nobody", messages=messages)
+    assert missing.value.code == "model_not_found"
+
+
+def test_handler_routes_openai_jobs(api_server):
+    url, _ = api_server
+    body = {"messages": [{"role": "user", "content": FRANCE}], "max_tokens": 16, "temperature": 0}
+    (whole,) = post(f"{url}/runsync", {"input": {"openai_route": CHAT, "openai_input": body}})["output"]
+    lines = post(f"{url}/runsync", {"input": {"openai_route": CHAT, "openai_input": {**body, "stream": True}}})["output"]
+    chunks = [strictly(ChatCompletionChunk, chunk) for chunk in events("".join(lines))]
+    content = strictly(ChatCompletion, whole).choices[0].message.content
+    assert "Paris" in content and "".join(c.choices[0].delta.content or "" for c in chunks) == content
