@@ -190,7 +190,7 @@ def chat_prompt(worker: Worker, messages: list[Message]) -> tuple[list[int], tup
         instruction = "\n\n".join(m.text for m in messages if m.role != "user") + "\n\n" if len(messages) > 1 else ""
         prompt = render_prompt(tokenizer, template, instruction + next(m.text for m in messages if m.role == "user"))
         ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
-        return ids, (prompt.response_split,) if prompt.response_split else ()
+        return ids, prompt.stop
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(
             f"messages: the model {worker.loaded.name} has no chat template: set CHAT_TEMPLATE (Jinja text, or alpaca "

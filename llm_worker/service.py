@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -100,13 +101,17 @@ class Worker:
 
     # ------------------------------------------------------------------ requests
     def build_request(self, job: JobInput) -> GenerationRequest:
+        prompt_config = job.prompt_config
         prompt = render_prompt(
-            self.loaded.tokenizer, job.prompt_config.template, job.prompt_config.instruction, job.prompt_config.input
+            self.loaded.tokenizer,
+            prompt_config.template,
+            prompt_config.instruction,
+            prompt_config.input,
+            stop_at_section=prompt_config.stop_at_section,
         )
         ids = self.loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         config = job.generation_config
-        stop = tuple(config.stop) + ((prompt.response_split,) if prompt.response_split else ())
-        return self.request(ids, config, stop, job.adapter)
+        return self.request(ids, config, tuple(config.stop) + prompt.stop, job.adapter)
 
     def request(self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None) -> GenerationRequest:
         """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job names it."""
@@ -198,8 +203,14 @@ class Worker:
         ]
 
     def complete(self, raw: Any) -> dict[str, Any] | str:
-        """Blocking: one job input in, its folded output (or ``{"error": ...}``) out."""
-        return asyncio.run(collect(self.handle(raw)))
+        """Blocking: one job input in, its folded output (or ``{"error": ...}``) out. Inside a
+        running event loop (a notebook cell), it runs on a helper thread with a loop of its own."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(collect(self.handle(raw)))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, collect(self.handle(raw))).result()
 
     async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any] | str]:
         """The job's outputs: one result, or with ``stream`` the deltas, the last one carrying
