@@ -73,10 +73,10 @@ class AnswerText:
             if not stripped:
                 return ""
             self._lead = len(self.text) - len(stripped)
-        end = len(self.text.rstrip())
+        end = len(self.text)
         if not final and not self.stopped:
-            end = min(end, len(self.text) - self._held_back())
-        end -= self._lead
+            end -= self._held_back()
+        end = len(self.text[:end].rstrip()) - self._lead  # trailing whitespace waits for what follows
         if end <= self.sent:
             return ""
         piece = self.text[self._lead + self.sent : self._lead + end]

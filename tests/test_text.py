@@ -76,10 +76,18 @@ def test_partial_stop_string_is_held_back_until_it_cannot_complete(tokenizer, an
     for token in tokenizer("go STOP HER", add_special_tokens=False)["input_ids"]:
         answer.add(token)
         sent += answer.delta()
-    assert sent == "go "  # "STOP HER" could still become the stop string
+    assert sent == "go"  # " STOP HER" could still become the stop string (and its space waits with it)
     for token in tokenizer("X and on", add_special_tokens=False)["input_ids"]:
         answer.add(token)
         sent += answer.delta()
     assert not answer.stopped
     assert sent + answer.delta(final=True) == answer.answer
     assert "STOP HERX" in answer.answer
+
+
+def test_whitespace_before_a_held_back_stop_start_is_not_streamed(tokenizer, answer_text):
+    """'Paris.\\n\\n###' may become 'Paris.\\n### ...': the newline before the held '\\n###' must
+    wait too, or the stream ends with whitespace the answer does not have."""
+    answer, deltas = feed(tokenizer, answer_text, "The capital of France is Paris.\n\n### Explanation: more", stops=("\n### ",))
+    assert answer.stopped
+    assert "".join(deltas) == answer.answer == "The capital of France is Paris."
