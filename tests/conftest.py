@@ -1,6 +1,7 @@
 """Shared, slow fixtures: one loaded model per dtype, adapters trained once per session."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -123,10 +124,17 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
 @pytest.fixture(scope="session")
 def api_server():
     """The SDK's local API server running handler.py, on a free loopback port; yields (url, pid)."""
+    yield from serve_api()
+
+
+def serve_api(**env: str):
+    """Start the local API server (``env``: extra environment variables, e.g. DTYPE); yield
+    (url, pid) once it answers, and stop it when resumed."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, *API_SERVER_ARGS, str(port)],
         cwd=ROOT,
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

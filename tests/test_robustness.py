@@ -12,16 +12,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, concurrently, job, post, seed_tasks
+from conftest import ROOT, concurrently, job, post, seed_tasks, serve_api
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llm_worker.prompts import template_names
+from llm_worker.schema import InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.service import Worker
 from llm_worker.settings import Settings
 
 FRANCE = "What is the capital of France?"
 OUTPUT_KEYS = {"output", "finish_reason", "usage", "model", "adapter"}
 FINISH_REASONS = {"eos", "length", "stop", "time_limit"}
+DEFAULTS = Settings()
+HANDLER_LIMITS = Limits(  # the handler's worker runs with the default settings
+    max_input_bytes=DEFAULTS.max_input_bytes,
+    max_new_tokens=DEFAULTS.max_new_tokens_limit,
+    max_stop_strings=DEFAULTS.max_stop_strings,
+    max_stop_chars=DEFAULTS.max_stop_chars,
+)
+# Refusals that need the model (prompt length in tokens, adapters): the only errors a job that the
+# schema accepts may get. Anything else, "generation failed: ..." or "engine error: ..." above
+# all, is the worker failing a valid job.
+MODEL_CHECKS = ("prompt_config: the prompt is ", "adapter: ")
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +52,51 @@ def run_job(handler_module, event) -> list:
     return asyncio.run(consume())
 
 
-def check_outcome(chunks: list) -> None:
-    """Either exactly one error naming what is wrong, or a well-formed answer."""
+def check_outcome(event, chunks: list) -> None:
+    """An input the schema refuses gets exactly the schema's one-line error naming the field; an
+    input it accepts gets a well-formed answer, or one of the refusals that need the model."""
     assert chunks and all(isinstance(chunk, dict) for chunk in chunks)
+    try:
+        job, refusal = parse_job_input(event, HANDLER_LIMITS), None
+    except InputError as err:
+        job, refusal = None, str(err)
     if "error" in chunks[0]:
         assert len(chunks) == 1
-        field, _, rule = chunks[0]["error"].partition(": ")
-        assert field and rule, chunks[0]["error"]
+        error = chunks[0]["error"]
+        assert len(error.splitlines()) == 1, error
+        if refusal is None:
+            assert error.startswith(MODEL_CHECKS), f"a valid input failed: {error}"
+        else:
+            assert error == refusal
         return
+    assert refusal is None, f"answered an input the schema refuses ({refusal})"
+    if isinstance(job, ListAdaptersInput):
+        assert len(chunks) == 1
+        return
+    check_answer(job, chunks)
+
+
+def check_answer(job: JobInput, chunks: list) -> None:
+    """The shapes of the README: one result, or deltas and a closing chunk; ``choices`` with n > 1."""
+    config = job.generation_config
     final = chunks[-1]
-    assert final["finish_reason"] in FINISH_REASONS
     assert set(final["usage"]) == {"prompt_tokens", "completion_tokens"}
-    if "delta" in final:
-        assert all(set(chunk) == {"delta"} for chunk in chunks[:-1])
+    assert {"model", "adapter"} <= set(final)
+    extra = {"logprobs"} if config.logprobs is not None else set()
+    if config.n == 1:
+        assert final["finish_reason"] in FINISH_REASONS
+        if job.stream:
+            assert all(set(chunk) == {"delta"} | extra for chunk in chunks[:-1])
+        else:
+            assert len(chunks) == 1 and set(final) == OUTPUT_KEYS | extra
+        return
+    if job.stream:
+        endings = {chunk["index"]: chunk["finish_reason"] for chunk in chunks[:-1] if "finish_reason" in chunk}
     else:
-        assert len(chunks) == 1 and set(final) == OUTPUT_KEYS
+        assert len(chunks) == 1
+        endings = {choice["index"]: choice["finish_reason"] for choice in final["choices"]}
+    assert sorted(endings) == list(range(config.n)), "every answer ends exactly once"
+    assert set(endings.values()) <= FINISH_REASONS
 
 
 json_values = st.recursive(
@@ -101,16 +144,62 @@ def near_valid_events(draw):
     return event
 
 
+utf8_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
+positive = {"allow_nan": False, "allow_infinity": False, "exclude_min": True, "min_value": 0.0}
+
+
+@st.composite
+def valid_events(draw):
+    """Any input the schema accepts, with few new tokens (they all cost model time)."""
+    tokens = draw(st.integers(1, 4))
+    generation = {
+        "max_new_tokens": tokens,
+        "min_new_tokens": draw(st.integers(0, tokens)),
+        "num_beams": draw(st.integers(1, 8)),
+        "repetition_penalty": draw(st.floats(max_value=10.0, **positive)),
+        "no_repeat_ngram_size": draw(st.integers(0, 64)),
+        "stop": draw(st.lists(utf8_text.filter(lambda text: 1 <= len(text) <= 200), max_size=3)),
+    }
+    if draw(st.booleans()):
+        generation["temperature"] = draw(st.floats(max_value=5.0, **positive))
+        generation["top_p"] = draw(st.floats(max_value=1.0, **positive))
+        generation["top_k"] = draw(st.integers(0, 100_000))
+        generation["seed"] = draw(st.integers(0, 2**63 - 1))
+        generation["do_sample"] = True
+    if draw(st.booleans()):
+        generation["n"] = draw(st.integers(1, 16))
+    if generation["num_beams"] == 1 and draw(st.booleans()):
+        generation["logprobs"] = draw(st.integers(0, 20))
+    prompt = {
+        "instruction": draw(utf8_text.filter(str.strip)),
+        "input": draw(utf8_text),
+        "template": draw(st.sampled_from(template_names())),
+        "stop_at_section": draw(st.booleans()),
+    }
+    optional = {"stream": st.booleans(), "adapter": st.just("base")}
+    return {"prompt_config": prompt, "generation_config": generation} | {
+        key: draw(value) for key, value in optional.items() if draw(st.booleans())
+    }
+
+
 @settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(event=json_values)
 def test_any_json_input_gets_an_answer_or_a_named_error(handler_module, event):
-    check_outcome(run_job(handler_module, event))
+    check_outcome(event, run_job(handler_module, event))
 
 
 @settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(event=near_valid_events())
 def test_adversarial_variations_of_valid_events(handler_module, event):
-    check_outcome(run_job(handler_module, event))
+    check_outcome(event, run_job(handler_module, event))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(event=valid_events())
+def test_every_valid_input_gets_an_answer(handler_module, event):
+    chunks = run_job(handler_module, event)
+    assert "error" not in chunks[0], chunks[0]
+    check_outcome(event, chunks)
 
 
 def test_no_state_is_corrupted_by_the_fuzzing(handler_module, worker):
@@ -232,12 +321,21 @@ def rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def test_burst_of_200_jobs_32_at_a_time_loses_and_duplicates_nothing(api_server, worker):
-    url, pid = api_server
-    tasks = seed_tasks(175)
-    events = [
-        {"prompt_config": tasks[i % len(tasks)], "generation_config": {"max_new_tokens": 8}} for i in range(200)
-    ]
+@pytest.fixture(scope="module")
+def fp32_api_server():
+    """The local API server in fp32, where a batch must not change a greedy answer."""
+    yield from serve_api(DTYPE="float32")
+
+
+def test_burst_of_200_jobs_32_at_a_time_answers_each_job_with_its_own_answer(fp32_api_server, fp32_worker):
+    """200 jobs, 32 at a time, each answered once with exactly the answer it gets alone. 50 tasks
+    each sent 4 times keep the solo runs affordable; their answers all differ, so an answer that
+    reaches another job's caller shows."""
+    url, pid = fp32_api_server
+    tasks = [{"prompt_config": task, "generation_config": {"max_new_tokens": 6}} for task in seed_tasks(50)]
+    alone = [fp32_worker.complete(task) for task in tasks]
+    assert len({answer["output"] for answer in alone}) == len(tasks), "precondition: the answers tell the tasks apart"
+    events, alone = tasks * 4, alone * 4
     for event in events[:4]:  # warm up, so that the baseline includes the loaded model and first buffers
         post(f"{url}/runsync", {"input": event})
     before = rss_mb(pid)
@@ -249,12 +347,9 @@ def test_burst_of_200_jobs_32_at_a_time_loses_and_duplicates_nothing(api_server,
         time.sleep(0.5)
 
     assert len({reply["id"] for reply in replies}) == 200
-    for event, reply in zip(events, replies):
+    for event, reply, expected in zip(events, replies, alone):
         assert reply["status"] == "COMPLETED", reply
-        (result,) = reply["output"]
-        assert result["finish_reason"] in ("eos", "length", "stop")
-        expected_prompt = len(worker.prepare(event)[1].prompt_ids)
-        assert result["usage"]["prompt_tokens"] == expected_prompt, "an answer went to the wrong job"
+        assert reply["output"] == [expected], f"{event['prompt_config']['instruction']!r} got another answer"
     assert after < limit, f"memory grew from {before:.0f} MB to {after:.0f} MB"
 
 
