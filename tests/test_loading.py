@@ -78,7 +78,7 @@ def test_bitsandbytes_quantized_model_answers(started, bits, layer):
     quantized = [m for m in worker.loaded.model.modules() if type(m).__name__ == layer]
     assert len(quantized) >= 7 * worker.loaded.model.config.num_hidden_layers
     result = answer(worker)
-    assert result["output"].strip() and result["finish_reason"] in ("eos", "length")
+    assert result["output"].strip() and result["finish_reason"] in ("eos", "length", "stop")
     if bits == "load_8bit":  # NF4 on a 135M model loses this fact; int8 keeps it
         assert "Paris" in result["output"]
 
