@@ -50,7 +50,15 @@ from llm_worker.kv_cache import (
     kv_budget_blocks,
 )
 from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
-from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, banned_ngram_tokens, sample, sample_with_logprobs
+from llm_worker.sampling import (
+    BAD_ROW,
+    MIN_TEMPERATURE,
+    BatchParams,
+    SamplingParams,
+    banned_ngram_tokens,
+    sample,
+    sample_with_logprobs,
+)
 from llm_worker.scheduler import PrefillChunk, Scheduler, Slot
 from llm_worker.schema import GenerationConfig
 from llm_worker.text import AnswerText
@@ -599,7 +607,12 @@ class Engine:
         config = seq.request.config
         sampling = {}
         if config.sampling:
-            sampling = {"do_sample": True, "temperature": seq.params.temperature, "top_k": seq.params.top_k, "top_p": seq.params.top_p}
+            sampling = {
+                "do_sample": True,
+                "temperature": max(seq.params.temperature, MIN_TEMPERATURE),
+                "top_k": seq.params.top_k,
+                "top_p": seq.params.top_p,
+            }
             torch.manual_seed(seq.params.seed)
         deadline = seq.submitted + self.config.max_job_seconds if self.config.max_job_seconds else None
         input_ids = torch.tensor([seq.request.prompt_ids], device=self.device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 BAD_ROW = -1  # the token reported for a row whose logits were not finite
+MIN_TEMPERATURE = 1e-4  # below this, float32 logits / temperature overflow; the draw is greedy anyway
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -41,6 +42,10 @@ class SamplingParams:
     min_new_tokens: int = 0
     seed: int = 0
 
+    @property
+    def truncates(self) -> bool:
+        return bool(self.top_k) or self.top_p < 1.0
+
     @staticmethod
     def random_seed() -> int:
         return secrets.randbits(63)
@@ -51,9 +56,8 @@ class BatchParams:
     """The running rows' settings as device tensors; rebuilt only when the batch changes."""
 
     sample: torch.Tensor  # bool [rows]
-    any_sample: bool
-    sampled_rows: torch.Tensor  # long: the rows that sample
-    truncate: bool  # whether some sampling row has top-k or top-p (they need a sort)
+    plain_rows: torch.Tensor | None  # long: rows that sample from the whole distribution
+    truncated_rows: torch.Tensor | None  # long: rows that sample with top-k or top-p (they need a sort)
     temperature: torch.Tensor  # float [rows]
     top_k: torch.Tensor  # long [rows]
     top_p: torch.Tensor  # float [rows]
@@ -68,13 +72,15 @@ class BatchParams:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
+        def rows(indices):
+            return tensor(indices, torch.long) if indices else None
+
         penalized = any(p.repetition_penalty != 1.0 for p in params)
         return cls(
             sample=tensor([p.sample for p in params], torch.bool),
-            any_sample=any(p.sample for p in params),
-            sampled_rows=tensor([i for i, p in enumerate(params) if p.sample], torch.long),
-            truncate=any(p.sample and (p.top_k or p.top_p < 1.0) for p in params),
-            temperature=tensor([p.temperature for p in params], torch.float32),
+            plain_rows=rows([i for i, p in enumerate(params) if p.sample and not p.truncates]),
+            truncated_rows=rows([i for i, p in enumerate(params) if p.sample and p.truncates]),
+            temperature=tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], torch.float32),
             top_k=tensor([p.top_k for p in params], torch.long),
             top_p=tensor([p.top_p for p in params], torch.float32),
             penalty=tensor([p.repetition_penalty for p in params], torch.float32) if penalized else None,
@@ -108,7 +114,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     sorted_logits = sorted_logits.masked_fill(rank >= k, -float("inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None], 0.0)
+    nucleus_out = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None] & (rank > 0)  # the top token always stays
+    probs = probs.masked_fill(nucleus_out, 0.0)
     return probs, order
 
 
@@ -167,16 +174,15 @@ def _sample(logits, params, generated, eos, banned) -> tuple[torch.Tensor, torch
     if params.any_min_new_tokens:
         logits = ban_early_end(logits, generated, params.min_new_tokens, eos)
     chosen = logits.argmax(dim=-1)
-    if params.any_sample:
-        rows = params.sampled_rows
-        part = logits.index_select(0, rows)
-        temperature, u = params.temperature[rows], uniform(params.seed[rows], generated[rows])
-        if params.truncate:
-            probs, order = logits_to_probs(part, temperature, params.top_k[rows], params.top_p[rows])
-            drawn = order.gather(1, draw(probs, u)[:, None])[:, 0]
-        else:
-            drawn = draw(torch.softmax(part / temperature[:, None], dim=-1), u)
+    # A row's path depends on its own settings only, so its draw is the same in any batch.
+    if (rows := params.plain_rows) is not None:
+        u = uniform(params.seed[rows], generated[rows])
+        drawn = draw(torch.softmax(logits[rows] / params.temperature[rows, None], dim=-1), u)
         chosen = chosen.index_copy(0, rows, drawn)
+    if (rows := params.truncated_rows) is not None:
+        u = uniform(params.seed[rows], generated[rows])
+        probs, order = logits_to_probs(logits[rows], params.temperature[rows], params.top_k[rows], params.top_p[rows])
+        chosen = chosen.index_copy(0, rows, order.gather(1, draw(probs, u)[:, None])[:, 0])
     if params.seen is not None:
         params.seen.scatter_(1, chosen[:, None], True)
     return chosen.masked_fill(bad, BAD_ROW), logits

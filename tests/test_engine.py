@@ -59,7 +59,7 @@ def test_length_finish_counts_exactly_max_new_tokens(worker):
 
 
 def test_eos_finish_stops_before_the_limit(worker):
-    result = worker.complete(job(FRANCE, max_new_tokens=200))
+    result = worker.complete({**job(FRANCE, max_new_tokens=200), "prompt_config": {"instruction": FRANCE, "stop_at_section": False}})
     assert result["finish_reason"] == "eos"
     assert result["usage"]["completion_tokens"] < 200
 

@@ -57,12 +57,12 @@ def test_draws_follow_the_distribution():
 def test_a_seeded_row_draws_the_same_tokens_alone_and_in_any_batch():
     torch.manual_seed(1)
     logits = torch.randn(4, VOCAB)
-    mine = SamplingParams(sample=True, temperature=0.9, top_p=0.95, seed=1234)
     others = [SamplingParams(sample=True, temperature=1.5, seed=5), SamplingParams(), SamplingParams(sample=True, top_k=3, seed=9)]
-    for step in range(5):
-        alone = sample(logits[2:3], batch(mine), torch.tensor([step]), NO_EOS)
-        together = sample(logits[[0, 1, 2, 3]], batch(others[0], others[1], mine, others[2]), torch.tensor([7, 0, step, 3]), NO_EOS)
-        assert together[2] == alone[0]
+    for mine in (SamplingParams(sample=True, temperature=0.9, top_p=0.95, seed=1234), SamplingParams(sample=True, seed=77)):
+        for step in range(8):  # a plain row next to a truncating one, and the other way round
+            alone = sample(logits[2:3], batch(mine), torch.tensor([step]), NO_EOS)
+            together = sample(logits[[0, 1, 2, 3]], batch(others[0], others[1], mine, others[2]), torch.tensor([7, 0, step, 3]), NO_EOS)
+            assert together[2] == alone[0]
 
 
 def test_seeds_and_steps_change_the_draw():
@@ -119,3 +119,15 @@ def test_logprobs_come_from_the_distribution_the_sampler_used():
     torch.testing.assert_close(chosen[1], full[1, tokens[1]])  # temperature applied, top-k not
     assert torch.all(top[:, :-1] >= top[:, 1:])
     assert torch.allclose(full.exp().sum(dim=-1), torch.ones(3))
+
+
+def test_vanishing_temperature_or_top_p_samples_the_top_token():
+    torch.manual_seed(5)
+    logits = torch.randn(3, VOCAB) * 4
+    params = batch(
+        SamplingParams(sample=True, temperature=1e-300, seed=1),
+        SamplingParams(sample=True, top_p=1e-300, seed=2),
+        SamplingParams(sample=True, top_k=1, seed=3),
+    )
+    for step in range(5):
+        assert sample(logits, params, torch.full((3,), step), NO_EOS).tolist() == logits.argmax(dim=-1).tolist()
