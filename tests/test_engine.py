@@ -58,15 +58,20 @@ def test_length_finish_counts_exactly_max_new_tokens(worker):
     assert result["usage"]["prompt_tokens"] == len(worker.prepare(job("Tell me a long story about dragons."))[1].prompt_ids)
 
 
+def whole_answer(instruction: str, **generation) -> dict:
+    """A job whose alpaca answer runs on past a new '### ' section, to its end-of-sequence."""
+    return {"prompt_config": {"instruction": instruction, "stop_at_section": False}, "generation_config": generation}
+
+
 def test_eos_finish_stops_before_the_limit(worker):
-    result = worker.complete({**job(FRANCE, max_new_tokens=200), "prompt_config": {"instruction": FRANCE, "stop_at_section": False}})
+    result = worker.complete(whole_answer(FRANCE, max_new_tokens=200))
     assert result["finish_reason"] == "eos"
     assert result["usage"]["completion_tokens"] < 200
 
 
 def test_min_new_tokens_holds_back_end_of_sequence(worker):
-    short = worker.complete(job(FRANCE, max_new_tokens=200))
-    longer = worker.complete(job(FRANCE, max_new_tokens=200, min_new_tokens=short["usage"]["completion_tokens"] + 5))
+    short = worker.complete(whole_answer(FRANCE, max_new_tokens=200))
+    longer = worker.complete(whole_answer(FRANCE, max_new_tokens=200, min_new_tokens=short["usage"]["completion_tokens"] + 5))
     assert longer["usage"]["completion_tokens"] >= short["usage"]["completion_tokens"] + 5
 
 
