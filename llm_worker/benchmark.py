@@ -80,7 +80,8 @@ def alpaca_workload(
         if fixed_length:
             generation["min_new_tokens"] = max_new_tokens
         job = {
-            "prompt_config": {"instruction": task["instruction"], "input": task["instances"][0]["input"]},
+            # the seed's way has no section stop: both sides answer until end-of-sequence
+            "prompt_config": {"instruction": task["instruction"], "input": task["instances"][0]["input"], "stop_at_section": False},
             "generation_config": generation,
             "stream": True,
         }

@@ -203,8 +203,8 @@ class Engine:
             self.pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
         )
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
-        self._batch_key: tuple[int, ...] = ()
-        self._batch_params: BatchParams | None = None
+        self._params_cache: dict[tuple[int, ...], BatchParams] = {}
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._ids = itertools.count(1)
         self._last_progress = time.monotonic()
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
@@ -488,7 +488,15 @@ class Engine:
 
     # ----------------------------------------------------------------- decode
     def _decode(self, seqs: list[Sequence]) -> None:
-        """One decoding step for every running request. Out of memory, the newest request is
+        """One decoding step for every running request, in one forward pass or, when their
+        contexts differ a lot, two (see ``split_by_context``)."""
+        for group in split_by_context(
+            [s.position + 1 for s in seqs], self.pool.shape.bytes_per_token, self._weight_bytes
+        ):
+            self._decode_group([seqs[i] for i in group])
+
+    def _decode_group(self, seqs: list[Sequence]) -> None:
+        """One decoding step for these requests. Out of memory, the newest request is
         dropped (with an error) and the step retried for the rest: the writes of a failed step
         sit at positions the retry overwrites."""
         while True:
@@ -539,9 +547,11 @@ class Engine:
             self._accept(seq, token)
 
     def _params_for(self, seqs: list[Sequence], fresh: bool) -> BatchParams:
-        """The rows' sampling tensors, rebuilt only when the running batch changes."""
+        """The rows' sampling tensors, rebuilt only when a decoding group's rows change. A row's
+        ``seen`` lives in the one cached batch that holds it."""
         key = tuple(s.id for s in seqs)
-        if fresh or key != self._batch_key:
+        params = None if fresh else self._params_cache.get(key)
+        if params is None:
             seen = [s.seen for s in seqs] if any(s.seen is not None for s in seqs) else None
             if seen is not None:
                 seen = [row if row is not None else torch.zeros(self.vocab, dtype=torch.bool, device=self.device) for row in seen]
@@ -550,10 +560,11 @@ class Engine:
                 for i, seq in enumerate(seqs):
                     if seq.seen is not None:
                         seq.seen = params.seen[i]  # the batch tensor is updated in place each step
-            if fresh:
-                return params
-            self._batch_key, self._batch_params = key, params
-        return self._batch_params
+            if not fresh:
+                rows = set(key)
+                self._params_cache = {k: v for k, v in self._params_cache.items() if rows.isdisjoint(k)}
+                self._params_cache[key] = params
+        return params
 
     def _bans(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """n-gram bans, for the rare rows that ask for them (host work per such row)."""
@@ -653,6 +664,29 @@ class _StopWhen(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         stop = self.handle.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def split_by_context(lengths: list[int], kv_bytes_per_token: int, weight_bytes: int) -> list[list[int]]:
+    """Row indices for one decoding forward, or two when that moves fewer bytes.
+
+    A step gathers every row's context padded to the longest one, so one long request in a batch
+    of short ones multiplies the keys and values copied and read (3 passes: gather read, write,
+    attention read). A second forward costs one more read of the weights. The split, if any, is
+    the one that minimizes the bytes moved, rows sorted by context length."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    padded = [blocks_for(lengths[i]) * BLOCK_SIZE for i in order]
+
+    def kv_cost(count: int, longest: int) -> int:
+        return 3 * count * longest * kv_bytes_per_token
+
+    best_cost, best_split = weight_bytes + kv_cost(len(order), padded[-1]), None
+    for split in range(1, len(order)):
+        cost = 2 * weight_bytes + kv_cost(split, padded[split - 1]) + kv_cost(len(order) - split, padded[-1])
+        if cost < best_cost:
+            best_cost, best_split = cost, split
+    if best_split is None:
+        return [list(range(len(lengths)))]
+    return [sorted(order[:best_split]), sorted(order[best_split:])]
 
 
 def _return_freed_memory(device: torch.device) -> None:
