@@ -50,7 +50,8 @@ RUN pip install --no-cache-dir -r requirements.txt \
 FROM deps AS baked
 ARG BASE_MODEL
 ARG LORA_WEIGHTS
-COPY llm_worker/__init__.py llm_worker/settings.py llm_worker/
+COPY llm_worker/__init__.py llm_worker/settings.py llm_worker/logs.py llm_worker/errors.py llm_worker/prompts.py llm_worker/
+COPY llm_worker/templates/ llm_worker/templates/
 COPY model_cache/__init__.py model_cache/__main__.py model_cache/
 # An empty build argument is unset, not exported as "" (the settings would read BASE_MODEL="" as a
 # model folder). The token is read from the secret file for this one command only.
