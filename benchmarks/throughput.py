@@ -35,8 +35,8 @@ from llm_worker.benchmark import (
     run_handler,
     run_seed_baseline,
     run_transformers_batch,
-    weight_bytes,
 )
+from llm_worker.loading import weight_bytes
 from llm_worker.settings import Settings
 from model_cache import prepare_default_model, resolve_base_model
 

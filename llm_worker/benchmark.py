@@ -267,16 +267,6 @@ def make_random_adapters(base_model_dir: Path, folder: Path, count: int, rank: i
     return names
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decoding step for the weights (shared tensors counted once)."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def memory_bandwidth_gb_s(device: str = "cpu", size_mb: int = 1024, repeats: int = 5) -> float:
     """Measured memory bandwidth, best of a few: reading a large tensor on the CPU (summing it); on
     CUDA, a device-to-device copy counted as read + write."""

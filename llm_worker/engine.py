@@ -49,7 +49,8 @@ from llm_worker.kv_cache import (
     blocks_for,
     kv_budget_blocks,
 )
-from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
+from llm_worker.loading import weight_bytes
+from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step, pad_tables
 from llm_worker.sampling import (
     BAD_ROW,
     MIN_TEMPERATURE,
@@ -204,7 +205,7 @@ class Engine:
         )
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
-        self._weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self._weight_bytes = weight_bytes(model)
         self._ids = itertools.count(1)
         self._last_progress = time.monotonic()
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
@@ -476,7 +477,7 @@ class Engine:
             inputs.positions.append([0] * pad + list(positions))
             inputs.write_index += [SCRATCH_BLOCK * BLOCK_SIZE] * pad + [_pool_index(seq, p) for p in positions]
             inputs.block_table.append(seq.slot.blocks[: blocks_for(chunk.start + chunk.length)])
-        _pad_tables(inputs.block_table)
+        inputs.block_table = pad_tables(inputs.block_table)
         finishing = [i for i, c in enumerate(group) if c.last]
         seqs = [group[i].seq for i in finishing]
         sampling = self._sampling_inputs(seqs, fresh=True) if seqs else None
@@ -506,7 +507,7 @@ class Engine:
                 write_index=[_pool_index(s, s.position) for s in seqs],
                 block_table=[s.slot.blocks[: blocks_for(s.position + 1)] for s in seqs],
             )
-            _pad_tables(inputs.block_table)
+            inputs.block_table = pad_tables(inputs.block_table)
             sampling = self._sampling_inputs(seqs)  # host-to-device copies go out before the forward
             try:
                 logits = self.runner.run(inputs, [s.request.adapter for s in seqs])
@@ -666,7 +667,7 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def split_by_context(lengths: list[int], kv_bytes_per_token: int, weight_bytes: int) -> list[list[int]]:
+def split_by_context(lengths: list[int], kv_bytes_per_token: int, weights: int) -> list[list[int]]:
     """Row indices for one decoding forward, or two when that moves fewer bytes.
 
     A step gathers every row's context padded to the longest one, so one long request in a batch
@@ -679,9 +680,9 @@ def split_by_context(lengths: list[int], kv_bytes_per_token: int, weight_bytes: 
     def kv_cost(count: int, longest: int) -> int:
         return 3 * count * longest * kv_bytes_per_token
 
-    best_cost, best_split = weight_bytes + kv_cost(len(order), padded[-1]), None
+    best_cost, best_split = weights + kv_cost(len(order), padded[-1]), None
     for split in range(1, len(order)):
-        cost = 2 * weight_bytes + kv_cost(split, padded[split - 1]) + kv_cost(len(order) - split, padded[-1])
+        cost = 2 * weights + kv_cost(split, padded[split - 1]) + kv_cost(len(order) - split, padded[-1])
         if cost < best_cost:
             best_cost, best_split = cost, split
     if best_split is None:
@@ -700,12 +701,6 @@ def _return_freed_memory(device: torch.device) -> None:
 def _pool_index(seq: Sequence, position: int) -> int:
     """Where the token at ``position`` of ``seq`` lives in the flat pool."""
     return seq.slot.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
-
-
-def _pad_tables(tables: list[list[int]]) -> None:
-    width = max(len(t) for t in tables)
-    for table in tables:
-        table += [SCRATCH_BLOCK] * (width - len(table))
 
 
 def _activation_dtype(model) -> torch.dtype:

@@ -13,12 +13,9 @@ query at position ``p`` sees keys ``0..p``, which masks both padding and unwritt
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
 SCRATCH_BLOCK = 0

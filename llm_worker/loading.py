@@ -167,3 +167,13 @@ def merge_lora(model, settings: Settings):
 def adapter_name(source: str) -> str:
     """A short name for an adapter given as a folder or Hub id: its last path part."""
     return Path(source.rstrip("/")).name
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decoding step for the weights (shared tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -247,7 +247,7 @@ class StepRunner:
             blocks = bucket(len(inputs.block_table[0]), self.block_sizes)
             graph = self._graph(key, rows, blocks, context, kwargs)
             if graph is not None:
-                return graph.run(_pad_tables(inputs, blocks))
+                return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
         tensors = [
             torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, inputs.block_table)
@@ -256,6 +256,7 @@ class StepRunner:
             return forward_step(self.model, self.pool, *tensors, **kwargs)
 
 
-def _pad_tables(inputs: StepInputs, blocks: int) -> StepInputs:
-    tables = [table + [SCRATCH_BLOCK] * (blocks - len(table)) for table in inputs.block_table]
-    return StepInputs(inputs.input_ids, inputs.positions, inputs.write_index, tables)
+def pad_tables(tables: list[list[int]], width: int | None = None) -> list[list[int]]:
+    """Block tables padded with the scratch block to ``width`` (default: the longest)."""
+    width = width or max(len(table) for table in tables)
+    return [table + [SCRATCH_BLOCK] * (width - len(table)) for table in tables]

@@ -83,7 +83,7 @@ def test_decode_step_compiles_as_one_graph(tiny):
     branch, anything that would read the device from the host inside the step."""
     pool = fresh_pool(tiny)
     compiled = torch.compile(forward_step, fullgraph=True, backend="aot_eager")
-    rows, blocks = 3, 4
+    rows = 3
     ids = torch.randint(0, 256, (rows, 1))
     positions = long([[5], [17], [40]])
     write = long([1 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE + 1, 7 * BLOCK_SIZE + 8])
