@@ -49,8 +49,7 @@ from llm_worker.kv_cache import (
     blocks_for,
     kv_budget_blocks,
 )
-from llm_worker.loading import weight_bytes
-from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step, pad_tables
+from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
 from llm_worker.sampling import (
     BAD_ROW,
     MIN_TEMPERATURE,
@@ -205,7 +204,6 @@ class Engine:
         )
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
-        self._weight_bytes = weight_bytes(model)
         self._ids = itertools.count(1)
         self._last_progress = time.monotonic()
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
@@ -476,8 +474,7 @@ class Engine:
             inputs.input_ids.append([self.pad_id] * pad + seq.request.prompt_ids[chunk.start : chunk.start + chunk.length])
             inputs.positions.append([0] * pad + list(positions))
             inputs.write_index += [SCRATCH_BLOCK * BLOCK_SIZE] * pad + [_pool_index(seq, p) for p in positions]
-            inputs.block_table.append(seq.slot.blocks[: blocks_for(chunk.start + chunk.length)])
-        inputs.block_table = pad_tables(inputs.block_table)
+            inputs.block_table.append(seq.slot.blocks)
         finishing = [i for i, c in enumerate(group) if c.last]
         seqs = [group[i].seq for i in finishing]
         sampling = self._sampling_inputs(seqs, fresh=True) if seqs else None
@@ -489,15 +486,7 @@ class Engine:
 
     # ----------------------------------------------------------------- decode
     def _decode(self, seqs: list[Sequence]) -> None:
-        """One decoding step for every running request, in one forward pass or, when their
-        contexts differ a lot, two (see ``split_by_context``)."""
-        for group in split_by_context(
-            [s.position + 1 for s in seqs], self.pool.shape.bytes_per_token, self._weight_bytes
-        ):
-            self._decode_group([seqs[i] for i in group])
-
-    def _decode_group(self, seqs: list[Sequence]) -> None:
-        """One decoding step for these requests. Out of memory, the newest request is
+        """One decoding step for every running request. Out of memory, the newest request is
         dropped (with an error) and the step retried for the rest: the writes of a failed step
         sit at positions the retry overwrites."""
         while True:
@@ -505,9 +494,8 @@ class Engine:
                 input_ids=[[s.generated[-1]] for s in seqs],
                 positions=[[s.position] for s in seqs],
                 write_index=[_pool_index(s, s.position) for s in seqs],
-                block_table=[s.slot.blocks[: blocks_for(s.position + 1)] for s in seqs],
+                block_table=[s.slot.blocks for s in seqs],
             )
-            inputs.block_table = pad_tables(inputs.block_table)
             sampling = self._sampling_inputs(seqs)  # host-to-device copies go out before the forward
             try:
                 logits = self.runner.run(inputs, [s.request.adapter for s in seqs])
@@ -665,29 +653,6 @@ class _StopWhen(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         stop = self.handle.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-def split_by_context(lengths: list[int], kv_bytes_per_token: int, weights: int) -> list[list[int]]:
-    """Row indices for one decoding forward, or two when that moves fewer bytes.
-
-    A step gathers every row's context padded to the longest one, so one long request in a batch
-    of short ones multiplies the keys and values copied and read (3 passes: gather read, write,
-    attention read). A second forward costs one more read of the weights. The split, if any, is
-    the one that minimizes the bytes moved, rows sorted by context length."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    padded = [blocks_for(lengths[i]) * BLOCK_SIZE for i in order]
-
-    def kv_cost(count: int, longest: int) -> int:
-        return 3 * count * longest * kv_bytes_per_token
-
-    best_cost, best_split = weights + kv_cost(len(order), padded[-1]), None
-    for split in range(1, len(order)):
-        cost = 2 * weights + kv_cost(split, padded[split - 1]) + kv_cost(len(order) - split, padded[-1])
-        if cost < best_cost:
-            best_cost, best_split = cost, split
-    if best_split is None:
-        return [list(range(len(lengths)))]
-    return [sorted(order[:best_split]), sorted(order[best_split:])]
 
 
 def _return_freed_memory(device: torch.device) -> None:

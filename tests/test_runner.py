@@ -5,7 +5,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_worker.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
-from llm_worker.runner import StepInputs, StepRunner, block_buckets, forward_step, row_buckets
+import itertools
+
+from llm_worker.runner import (
+    SEGMENT_COST_BLOCKS,
+    StepInputs,
+    StepRunner,
+    block_buckets,
+    forward_step,
+    plan_segments,
+    row_buckets,
+    split_by_context,
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +145,79 @@ def test_bucketed_static_steps_give_the_logits_of_unpadded_steps(tiny):
     assert set(static.graphs) == {("__base__", 4, 4), ("__base__", 1, 1)}
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_segments_are_the_cheapest_cut_of_sorted_rows():
+    """Against every way to cut rows into contiguous segments (brute force)."""
+    torch.manual_seed(1)
+
+    def cost(segments):
+        return sum((end - start) * blocks + SEGMENT_COST_BLOCKS for start, end, blocks in segments)
+
+    for _ in range(200):
+        blocks = sorted(torch.randint(1, 60, (int(torch.randint(1, 9, ())),)).tolist())
+        best = min(
+            cost([(a, b, blocks[b - 1]) for a, b in zip((0, *cuts), (*cuts, len(blocks)))])
+            for k in range(len(blocks))
+            for cuts in itertools.combinations(range(1, len(blocks)), k)
+        )
+        segments = plan_segments(blocks)
+        assert cost(segments) == best
+        assert [s[0] for s in segments[1:]] == [s[1] for s in segments[:-1]] and segments[-1][1] == len(blocks)
+    assert plan_segments([2] * 31 + [90]) == ((0, 31, 2), (31, 32, 90))
+    assert plan_segments([3, 3, 4, 4, 5]) == ((0, 5, 5),)
+
+
+def prefilled(runner, prompts, tables):
+    with torch.inference_mode():
+        for prompt, table in zip(prompts, tables):
+            write = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))]
+            runner.run(StepInputs([prompt], [list(range(len(prompt)))], write, [table]), [None])
+
+
+def decode_step(tables, positions, tokens):
+    return StepInputs(
+        input_ids=[[t] for t in tokens],
+        positions=[[p] for p in positions],
+        write_index=[t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for t, p in zip(tables, positions)],
+        block_table=tables,
+    )
+
+
+def test_rows_of_very_different_lengths_in_one_forward_give_their_solo_logits(tiny):
+    """Rows given out of order, one far longer than the others: the eager step sorts them, reads
+    them in segments (each padded to its segment only) and returns each row its own logits."""
+    pool = fresh_pool(tiny, blocks=64)
+    runner = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False)
+    lengths = [21, 230, 5, 9]
+    assert len(plan_segments(sorted(blocks_for(n + 1) for n in lengths))) > 1
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in lengths]
+    tables = [list(range(1 + 15 * i, 16 + 15 * i)) for i in range(len(lengths))]
+    prefilled(runner, prompts, tables)
+    step = decode_step(tables, lengths, [7, 8, 9, 10])
+    with torch.inference_mode():
+        together = runner.run(step, [None] * 4)
+        alone = [runner.run(step.take([i]), [None])[0] for i in range(4)]
+        plain = [tiny(long([prompt + [token]])).logits[0, -1] for prompt, token in zip(prompts, [7, 8, 9, 10])]
+    for i in range(4):
+        torch.testing.assert_close(together[i], alone[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together[i], plain[i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_captured_step_splits_off_one_long_row_and_keeps_every_rows_logits(tiny):
+    """The graph path: padded to one shape, a long row would make every row copy its length, so the
+    step replays two graphs (short rows, long row); the logits come back in the caller's order."""
+    pool = fresh_pool(tiny, blocks=64)
+    plain = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False)
+    static = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False, static_shapes=True)
+    lengths = [12, 200, 3]
+    assert len(split_by_context([n + 1 for n in lengths], pool.shape.bytes_per_token, static.weight_bytes)) == 2
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in lengths]
+    tables = [list(range(1 + 15 * i, 16 + 15 * i)) for i in range(len(lengths))]
+    prefilled(plain, prompts, tables)
+    step = decode_step(tables, lengths, [4, 5, 6])
+    with torch.inference_mode():
+        expected = plain.run(step, [None] * 3).clone()
+        replayed = static.run(step, [None] * 3)
+    assert set(static.graphs) == {("__base__", 2, 1), ("__base__", 1, 16)}
+    torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-5)
