@@ -302,6 +302,8 @@ class StepRunner:
                 return parts[0]
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        if order != sorted(order):
+            context, kwargs, _ = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])
         ordered.block_table = pad_tables(ordered.block_table)
