@@ -31,6 +31,7 @@ from llm_worker.benchmark import (
     build_random_llama,
     format_table,
     make_random_adapters,
+    matmul_ceiling_tok_s,
     memory_bandwidth_gb_s,
     run_handler,
     run_seed_baseline,
@@ -126,6 +127,8 @@ def main() -> None:
         say(f"{mixed.label}: {mixed.tok_s:.1f} tok/s")
     bandwidth = memory_bandwidth_gb_s(device)
     weights = weight_bytes(worker.loaded.model)
+    ceiling_rows = max(c for c in args.concurrency)
+    ceilings = {1: matmul_ceiling_tok_s(worker.loaded.model, 1), ceiling_rows: matmul_ceiling_tok_s(worker.loaded.model, ceiling_rows)}
 
     print(format_table([baseline.row()] + ([peer.row()] if peer else []) + [run.row() for run in runs]))
     figures = {
@@ -137,6 +140,8 @@ def main() -> None:
         "weights_mb": round(weights / 2**20, 1),
         "memory_bandwidth_gb_s": round(bandwidth, 1),
         "roofline_tok_s_c1": round(bandwidth * 1e9 / weights, 1),
+        "matmul_ceiling_tok_s_c1": round(ceilings[1], 1),
+        f"matmul_ceiling_tok_s_{ceiling_rows}rows": round(ceilings[ceiling_rows], 1),
         "kv_cache_tokens": engine.capacity_tokens,
         "graph_capture_s": round(engine.runner.capture_seconds, 1),
     }
@@ -159,6 +164,11 @@ def main() -> None:
     print(
         f"\nc=1 reads the weights at {figures.get('bandwidth_gb_s_c1', 'n/a')} GB/s "
         f"of {figures['memory_bandwidth_gb_s']} GB/s measured ({weights / 1e6:.0f} MB of weights per token)"
+    )
+    print(
+        f"the model's matrix products alone, with this machine's torch kernels in {figures['dtype']}, allow "
+        f"{ceilings[1]:.1f} tok/s for one stream ({ceilings[1] / baseline.tok_s:.2f}x the seed's way) and "
+        f"{ceilings[ceiling_rows]:.1f} tok/s in steps of {ceiling_rows} rows ({ceilings[ceiling_rows] / baseline.tok_s:.2f}x)"
     )
     print(json.dumps(figures))
     worker.close()

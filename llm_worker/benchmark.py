@@ -290,6 +290,29 @@ def memory_bandwidth_gb_s(device: str = "cpu", size_mb: int = 1024, repeats: int
     return data.numel() * 4 / best / 1e9
 
 
+def matmul_ceiling_tok_s(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float:
+    """Tokens per second of steps of ``rows`` rows that did nothing but the model's matrix
+    products (every floating-point ``nn.Linear`` once, the output layer included), timed with
+    this machine's torch kernels: no engine can go past it with these kernels and this dtype.
+    On a CPU, torch's matrix-vector kernels read the weights well below memory speed."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point]
+    device = weights[0].device
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=device) for w in weights}
+
+    def one_step() -> float:
+        _synchronize(device.type)
+        t0 = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+        _synchronize(device.type)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        one_step()  # warm-up
+        best = min(one_step() for _ in range(repeats))
+    return rows / best
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     headers = list(rows[0])
     widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
