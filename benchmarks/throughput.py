@@ -8,7 +8,9 @@ Without --shape it serves the configured model (the embedded SmolLM2-135M by def
 worker's device. With --shape it builds a LLaMA-shaped model with random weights on the device
 (CUDA when present), with the embedded tokenizer and no download, and every answer is exactly
 --max-new-tokens long. The seed's way (one ``model.generate`` after another) runs in a child
-process first: fp32 on the CPU, the worker's dtype on a GPU. --peer adds transformers'
+process: on the CPU in fp32, its requests alternating with the engine's c=1 requests (a shared
+CPU's speed drifts over minutes); on a GPU in the worker's dtype, first, so that its memory is
+free before the worker sizes its KV cache. --peer adds transformers'
 ``generate_batch`` on the largest run's prompts (default: on with CUDA). The mixed-adapter run
 spreads the workload over --adapters random LoRA adapters (0: skip it).
 
@@ -33,6 +35,8 @@ from llm_worker.benchmark import (
     make_random_adapters,
     matmul_ceiling_tok_s,
     memory_bandwidth_gb_s,
+    SeedProcess,
+    run_alternating,
     run_handler,
     run_seed_baseline,
     run_transformers_batch,
@@ -80,8 +84,12 @@ def main() -> None:
     }
     worker_dtype = Settings().dtype
     baseline_dtype = "float32" if device == "cpu" else (worker_dtype if worker_dtype != "auto" else "bfloat16")
-    baseline = run_seed_baseline(model_dir, sequential, device, baseline_dtype)
-    say(f"{baseline.label}: {baseline.tok_s:.1f} tok/s")
+    alternating = device == "cpu" and 1 in args.concurrency
+    if alternating:  # a CPU's speed drifts: the seed's requests alternate with the engine's c=1 ones
+        seed = SeedProcess(model_dir, device, baseline_dtype)
+    else:  # a GPU's memory must be free before the worker sizes its KV cache: the seed's way goes first
+        baseline = run_seed_baseline(model_dir, sequential, device, baseline_dtype)
+        say(f"{baseline.label}: {baseline.tok_s:.1f} tok/s")
     peer = None
     if args.peer or (args.peer is None and device == "cuda"):
         largest = concurrent[max(concurrent)] if concurrent else sequential
@@ -111,7 +119,12 @@ def main() -> None:
     for c in args.concurrency:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        run = asyncio.run(run_handler(handler.handler, sequential if c == 1 else concurrent[c], c, f"engine {worker.loaded.dtype}"))
+        if c == 1 and alternating:
+            baseline, run = asyncio.run(run_alternating(handler.handler, seed, sequential, f"engine {worker.loaded.dtype}"))
+            seed.close()
+            say(f"{baseline.label}, alternating with the engine's requests: {baseline.tok_s:.1f} tok/s")
+        else:
+            run = asyncio.run(run_handler(handler.handler, sequential if c == 1 else concurrent[c], c, f"engine {worker.loaded.dtype}"))
         if device == "cuda":
             peaks[c] = torch.cuda.max_memory_allocated() / 2**30
         runs.append(run)

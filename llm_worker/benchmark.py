@@ -104,6 +104,63 @@ def run_seed_baseline(model_dir: Path, jobs: list[dict], device: str = "cpu", dt
     return in_child_process(_seed_baseline, model_dir, jobs, device, dtype)
 
 
+class SeedProcess:
+    """The seed's way in a child process that stays alive between requests, so that they can
+    alternate with the engine's (``run_alternating``): on a shared CPU whose speed drifts by a
+    third over minutes, phases measured one after the other compare different machines."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
+        self._pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_seed_process_load, initargs=(model_dir, device, dtype),
+        )
+        self.dtype = dtype
+
+    def generate(self, job: dict) -> tuple[int, float]:
+        """One request the seed's way: (new tokens, seconds)."""
+        return self._pool.submit(_seed_process_generate, job).result()
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+_seed_process = {}
+
+
+def _seed_process_load(model_dir: Path, device: str, dtype: str) -> None:
+    _seed_process["model"], _seed_process["tokenizer"] = _load_plain(model_dir, device, dtype)
+    _seed_process["device"] = device
+
+
+def _seed_process_generate(job: dict) -> tuple[int, float]:
+    model, tokenizer, device = _seed_process["model"], _seed_process["tokenizer"], _seed_process["device"]
+    (ids,) = _prompt_ids(tokenizer, [job])
+    t0 = time.perf_counter()
+    tokens = _seed_generate(model, tokenizer, ids, job["generation_config"], device)
+    return tokens, time.perf_counter() - t0
+
+
+async def run_alternating(handler: Handler, seed: SeedProcess, jobs: list[dict], label: str = "engine") -> tuple[RunStats, RunStats]:
+    """The seed's way and the engine one request at a time, alternating request by request
+    (after one warm-up request each); returns (seed, engine c=1)."""
+    seed.generate(jobs[0])
+    await run_handler(handler, jobs[:1], 1)
+    seed_tokens, seed_times, engine_runs = 0, [], []
+    for job in jobs:
+        tokens, seconds = seed.generate(job)
+        seed_tokens += tokens
+        seed_times.append(seconds)
+        engine_runs.append(await run_handler(handler, [job], 1, label))
+    baseline = RunStats(
+        f"seed: sequential model.generate, {seed.dtype}", 1, len(jobs), seed_tokens, sum(seed_times), seed_times, seed_times
+    )
+    engine = RunStats(
+        f"{label} c=1", 1, len(jobs), sum(r.tokens for r in engine_runs), sum(r.seconds for r in engine_runs),
+        [t for r in engine_runs for t in r.ttft], [t for r in engine_runs for t in r.latency],
+    )
+    return baseline, engine
+
+
 def _load_plain(model_dir: Path, device: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,32 +177,33 @@ def _prompt_ids(tokenizer, jobs: list[dict]) -> list[list[int]]:
     return prompts
 
 
+def _seed_generate(model, tokenizer, ids: list[int], generation: dict, device: str) -> int:
+    """One request through plain ``model.generate``, greedy: the number of new tokens."""
+    input_ids = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=generation["max_new_tokens"],
+            min_new_tokens=generation.get("min_new_tokens", 0),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    _synchronize(device)
+    return output.shape[1] - input_ids.shape[1]
+
+
 def _seed_baseline(model_dir: Path, jobs: list[dict], device: str, dtype: str) -> RunStats:
     model, tokenizer = _load_plain(model_dir, device, dtype)
     generation = jobs[0]["generation_config"]
-
-    def generate(ids: list[int]) -> int:
-        input_ids = torch.tensor([ids], device=device)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=generation["max_new_tokens"],
-                min_new_tokens=generation.get("min_new_tokens", 0),
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-        _synchronize(device)
-        return output.shape[1] - input_ids.shape[1]
-
     prompts = _prompt_ids(tokenizer, jobs)
-    generate(prompts[0])  # the first generate in a process is slower
+    _seed_generate(model, tokenizer, prompts[0], generation, device)  # the first generate in a process is slower
     tokens, latency = 0, []
     started = time.perf_counter()
     for ids in prompts:
         t0 = time.perf_counter()
-        tokens += generate(ids)
+        tokens += _seed_generate(model, tokenizer, ids, generation, device)
         latency.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - started
     return RunStats(f"seed: sequential model.generate, {dtype}", 1, len(jobs), tokens, seconds, latency, latency)
