@@ -339,7 +339,7 @@ def test_close_with_jobs_in_flight_answers_each_with_an_error(started):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    while closing.engine.running < 2:
+    while closing.engine.running < 2 or len(closing.engine.scheduler.waiting) < 2:  # all four submitted
         time.sleep(0.05)
     closing.close()
     for thread in threads:
