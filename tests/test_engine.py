@@ -214,8 +214,13 @@ def watch_running(worker, stop: threading.Event, seen: list[int]) -> threading.T
 
 
 def test_a_budget_for_four_sequences_serves_sixteen_jobs_four_at_a_time(started, fp32_worker):
-    tasks = seed_tasks(16, skip=30)
-    prompts = [len(fp32_worker.prepare({"prompt_config": task})[1].prompt_ids) for task in tasks]
+    candidates = seed_tasks(120)
+    lengths = [len(fp32_worker.prepare({"prompt_config": task})[1].prompt_ids) for task in candidates]
+    ranked = sorted(range(len(candidates)), key=lengths.__getitem__)
+    # 16 tasks of similar prompt length, so that no job needs a long answer to fill its sequence
+    start = min(range(len(ranked) - 15), key=lambda i: lengths[ranked[i + 15]] - lengths[ranked[i]])
+    tasks = [candidates[i] for i in ranked[start : start + 16]]
+    prompts = [lengths[i] for i in ranked[start : start + 16]]
     per_job = -(-(max(prompts) + 12) // BLOCK_SIZE) * BLOCK_SIZE
     # every job's prompt + max_new_tokens is exactly one sequence of the budget
     jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": per_job - n}} for task, n in zip(tasks, prompts)]
