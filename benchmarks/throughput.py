@@ -140,7 +140,7 @@ def main() -> None:
         say(f"{mixed.label}: {mixed.tok_s:.1f} tok/s")
     bandwidth = memory_bandwidth_gb_s(device)
     weights = weight_bytes(worker.loaded.model)
-    ceiling_rows = max(c for c in args.concurrency)
+    ceiling_rows = max(args.concurrency)
     ceilings = {1: matmul_ceiling_tok_s(worker.loaded.model, 1), ceiling_rows: matmul_ceiling_tok_s(worker.loaded.model, ceiling_rows)}
 
     print(format_table([baseline.row()] + ([peer.row()] if peer else []) + [run.row() for run in runs]))

@@ -292,41 +292,34 @@ class StepRunner:
         would make every row copy its length (``split_by_context``). Any other step is one eager
         forward with its rows sorted by context length and cut into segments of similar length
         (``plan_segments``)."""
-        context, kwargs, key = adapter_state(self.model, adapters)
-        width = len(inputs.input_ids[0])
         lengths = inputs.context_lengths
-        if self.static_shapes and key is not None and width == 1:
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        context, kwargs, key = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow the rows
+        if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1:
             groups = split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
             parts = [self._replay(inputs.take(group), key, context, kwargs) for group in groups]
             if len(parts) == 1:
                 return parts[0]
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        if order != sorted(order):
-            context, kwargs, _ = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])
-        ordered.block_table = pad_tables(ordered.block_table)
-        tensors = [
-            torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
-            for value in (ordered.input_ids, ordered.positions, ordered.write_index, ordered.block_table)
-        ]
-        with context():
-            logits = forward_step(self.model, self.pool, *tensors, segments=segments if len(segments) > 1 else None, **kwargs)
-        return self._in_order(logits, order)
+        return self._in_order(self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None), order)
 
     def _replay(self, inputs: StepInputs, key: str, context, kwargs) -> torch.Tensor:
         rows = bucket(len(inputs.input_ids), self.rows_sizes)
         blocks = bucket(max(len(table) for table in inputs.block_table), self.block_sizes)
         graph = self._graph(key, rows, blocks, context, kwargs)
-        if graph is not None:
-            return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
+        if graph is None:
+            return self._eager(inputs, context, kwargs)
+        return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
+
+    def _eager(self, inputs: StepInputs, context, kwargs, segments: tuple[Segment, ...] | None = None) -> torch.Tensor:
         tensors = [
             torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, pad_tables(inputs.block_table))
         ]
         with context():
-            return forward_step(self.model, self.pool, *tensors, **kwargs)
+            return forward_step(self.model, self.pool, *tensors, segments=segments, **kwargs)
 
     def _in_order(self, logits: torch.Tensor, order: list[int]) -> torch.Tensor:
         """Rows computed in ``order`` put back in the caller's order."""
