@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -60,43 +60,34 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device, load_8bit: bool = False) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA with bf16 support (else float16), and on a CPU where bf16
-    measures faster than fp32 (``cpu_bf16_is_faster``; else float32, so one stream is never slower
-    than the seed's fp32 way). With 8-bit weights ``auto`` is float16: bitsandbytes' 8-bit matmul
-    quantizes fp16 inputs, and casts any other dtype to fp16 at every matmul (with bf16 an H100 ran
-    8 jobs at 18.8 tok/s in 8-bit against 90.2 in 4-bit)."""
+    """``auto``: bfloat16 on CUDA with bf16 support (else float16); on the CPU, what
+    ``cpu_auto_dtype`` picks from the CPU's reported features. With 8-bit weights ``auto`` is
+    float16: bitsandbytes' 8-bit matmul quantizes fp16 inputs, and casts any other dtype to fp16 at
+    every matmul (with bf16 an H100 ran 8 jobs at 18.8 tok/s in 8-bit against 90.2 in 4-bit)."""
     if setting != "auto":
         return DTYPES[setting]
     if load_8bit:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+    dtype, reason = cpu_auto_dtype(torch.cpu.get_capabilities())
+    log.info("DTYPE=auto on this CPU: %s (%s)", str(dtype).removeprefix("torch."), reason)
+    return dtype
 
 
-@cache
-def cpu_bf16_is_faster() -> bool:
-    """Whether this CPU multiplies a vector by a large matrix faster in bf16 than in fp32: one
-    decoding stream is exactly that, weight by weight. CPUs differ: an AMD EPYC decoded 1.7-1.9x
-    faster in bf16, a Xeon with AMX-bf16 ran one stream slower in bf16 (21.5 against 26.0 tok/s),
-    so ``auto`` measures instead of guessing (about 0.4 s, once per process)."""
-    weights = {dtype: torch.randn(4096, 4096).to(dtype) for dtype in (torch.float32, torch.bfloat16)}  # 32-64 MB
-    vectors = {dtype: torch.randn(1, 4096).to(dtype) for dtype in weights}
-    timings = dict.fromkeys(weights, float("inf"))
-    for _ in range(4):  # interleaved rounds, best of each: a busy machine slows both alike
-        for dtype, weight in weights.items():
-            started = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(vectors[dtype], weight)
-            timings[dtype] = min(timings[dtype], (time.perf_counter() - started) / 4)
-    # bf16 must win clearly: on this project's Xeon the product measured 0.8-1.1x the fp32 time from
-    # run to run, yet a whole decoding stream was slower in bf16 every time (16.1 against 21.0 tok/s)
-    faster = timings[torch.bfloat16] < 0.6 * timings[torch.float32]
-    log.info(
-        "DTYPE=auto on this CPU: a matrix-vector product takes %.1f ms in bf16, %.1f ms in fp32: using %s",
-        timings[torch.bfloat16] * 1e3, timings[torch.float32] * 1e3, "bfloat16" if faster else "float32",
-    )
-    return faster
+def cpu_auto_dtype(capabilities: Mapping[str, object]) -> tuple[torch.dtype, str]:
+    """The CPU's ``auto`` dtype and the feature that decided it, from its reported capabilities
+    (``torch.cpu.get_capabilities()``): a rule, not a timing, so a restart never changes the
+    dtype (and the answers). bfloat16 only where native bf16 vector instructions come without AMX:
+    an AMD EPYC (Zen 4, avx512_bf16) ran one stream 1.2-1.9x faster in bf16 and batches much
+    faster. On a Xeon with AMX-bf16, torch's bf16 matrix-vector product read 8 GB/s against 19 in
+    fp32, so one stream was slower in bf16 (21.5 against 26.0 tok/s) though batches were 3x
+    faster. Elsewhere (no native bf16 arithmetic, or not measured) float32, the seed's dtype."""
+    if capabilities.get("amx_bf16") or capabilities.get("amx_tile"):
+        return torch.float32, "AMX: one stream is slower in bf16 there"
+    if capabilities.get("avx512_bf16"):
+        return torch.bfloat16, "avx512_bf16 without AMX: bf16 is faster for one stream and for batches"
+    return torch.float32, "no avx512_bf16: bf16 was measured faster only with it"
 
 
 def quantization_config(settings: Settings, dtype: torch.dtype) -> BitsAndBytesConfig | None:

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="Weights and compute dtype; auto: bfloat16 on bf16-capable GPUs (float16 with LOAD_8BIT or "
-        "older GPUs), on the CPU bfloat16 only where it measures faster than float32.",
+        "older GPUs); on the CPU bfloat16 where it has avx512_bf16 and no AMX (e.g. AMD Zen 4), float32 elsewhere "
+        "(AMX Xeons, CPUs without native bf16): decided by the CPU's features, the same at every start.",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: CUDA when present, else CPU.")
     load_8bit: bool = Field(False, description="Load the weights in 8-bit through bitsandbytes.")
