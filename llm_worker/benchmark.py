@@ -352,16 +352,17 @@ def matmul_ceiling_tok_s(model: torch.nn.Module, rows: int = 1, repeats: int = 5
     """Tokens per second of steps of ``rows`` rows that did nothing but the model's matrix
     products (every floating-point ``nn.Linear`` once, the output layer included), timed with
     this machine's torch kernels: no engine can go past it with these kernels and this dtype.
-    On a CPU, torch's matrix-vector kernels read the weights well below memory speed."""
+    On a CPU, torch's matrix-vector kernels read the weights well below memory speed. One input
+    per width and dtype: PEFT keeps LoRA weights in fp32 beside a bf16 or fp16 base."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point]
     device = weights[0].device
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=device) for w in weights}
+    inputs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype, device=device) for w in weights}
 
     def one_step() -> float:
         _synchronize(device.type)
         t0 = time.perf_counter()
         for weight in weights:
-            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+            torch.nn.functional.linear(inputs[weight.shape[1], weight.dtype], weight)
         _synchronize(device.type)
         return time.perf_counter() - t0
 

@@ -1,8 +1,14 @@
-"""The throughput benchmark's CPU protocol: the seed's way alternating with the engine."""
+"""The throughput benchmark's CPU protocol (the seed's way alternating with the engine) and its
+matrix-product ceiling."""
 
 import asyncio
+import math
 
-from llm_worker.benchmark import SeedProcess, alpaca_workload, build_random_llama, run_alternating
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llm_worker.benchmark import SeedProcess, alpaca_workload, build_random_llama, matmul_ceiling_tok_s, run_alternating
 
 
 def test_the_seed_and_the_engine_alternate_request_by_request_and_both_are_counted(started, base_model_dir, tmp_path):
@@ -18,3 +24,18 @@ def test_the_seed_and_the_engine_alternate_request_by_request_and_both_are_count
     assert (engine.requests, engine.tokens, len(engine.latency), len(engine.ttft)) == (3, 15, 3, 3)
     assert engine.label == "engine c=1" and baseline.label == "seed: sequential model.generate, float32"
     assert baseline.seconds == sum(baseline.latency) and engine.seconds > 0
+
+
+def test_the_matmul_ceiling_is_measured_on_a_bf16_model_with_fp32_lora_weights():
+    """PEFT loads LoRA weights in fp32 beside a bf16 base: linears of one width in two dtypes
+    (`make bench` crashed at its end in bf16 with adapters)."""
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+    )
+    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert {dtype for name, dtype in dtypes.items() if "lora_" in name} == {torch.float32}
+    assert {dtype for name, dtype in dtypes.items() if "lora_" not in name} == {torch.bfloat16}
+    for rows in (1, 4):
+        ceiling = matmul_ceiling_tok_s(model, rows, repeats=2)
+        assert math.isfinite(ceiling) and ceiling > 0
