@@ -63,16 +63,17 @@ def narrow_worker(base_model_dir):
 
 
 # ------------------------------------------------------------------------------ templates
-def test_alpaca_answer_ends_where_a_new_section_starts(worker):
-    """`make run`'s answer used to go on into '### Explanation:'; the job can still ask for that."""
+def test_alpaca_answer_ends_where_a_new_section_starts(fp32_worker):
+    """`make run`'s answer used to go on into '### Explanation:'; the job can still ask for that.
+    In fp32: the precondition holds for the fp32 answer, not for the bf16 one."""
     runs_on = event(FRANCE, max_new_tokens=24)
     runs_on["prompt_config"]["stop_at_section"] = False
-    kept = worker.complete(runs_on)
+    kept = fp32_worker.complete(runs_on)
     assert "\n### " in kept["output"], "precondition: without the section end this answer runs on"
-    answer = worker.complete(event(FRANCE, max_new_tokens=24))
+    answer = fp32_worker.complete(event(FRANCE, max_new_tokens=24))
     assert answer["output"] == kept["output"][: kept["output"].index("\n### ")].strip()
     assert answer["finish_reason"] == "stop"
-    assert joined(streamed(worker, event(FRANCE, max_new_tokens=24))) == answer["output"]
+    assert joined(streamed(fp32_worker, event(FRANCE, max_new_tokens=24))) == answer["output"]
 
 
 def test_chat_template_on_a_model_without_one_is_a_named_input_error(started, base_model_dir, tmp_path):

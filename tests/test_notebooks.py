@@ -86,7 +86,8 @@ def test_playground(kernel_env):
         '{"executable": _sys.executable, "templates": [j["prompt_config"]["template"] for j in template_jobs],'
         ' "answers": [answer_text(r) for r in template_results], "grid": len(grid),'
         ' "sample_event": sample_event, "sample_answer": sample_answer,'
-        ' "stream_event": stream_event, "streamed_answer": streamed_answer}',
+        ' "stream_event": stream_event, "streamed_answer": streamed_answer,'
+        ' "dtype": str(loaded.dtype), "grid_answer": grid_answer}',
     )
     assert found["executable"] == sys.executable
     text = all_text(nb)
@@ -108,6 +109,11 @@ def test_playground(kernel_env):
     assert found["sample_event"]["input"]["generation_config"]["seed"] >= 0
     assert found["stream_event"]["input"]["stream"] is True and found["streamed_answer"] in text
     assert "curl -s -X POST" in text and "both events reproduce their answers" in text
+    # the printed answer is the event's own, sent alone; only in fp32 is a batch sure not to change it
+    # (the kernel inherits this process's DTYPE, so the dtype is whatever the tests run with)
+    if found["dtype"] == "torch.float32":
+        assert found["grid_answer"] == found["sample_answer"]
+        assert "and in float32 the grid's answer, computed in a batch, is the same" in text
 
 
 def test_finetune_lora(kernel_env, tmp_path):
