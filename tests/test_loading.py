@@ -103,7 +103,7 @@ def test_merged_lora_gives_the_same_answer(started, pirate_adapter):
 
 @pytest.mark.parametrize("bits, layer", [("load_8bit", "Linear8bitLt"), ("load_4bit", "Linear4bit")])
 def test_bitsandbytes_quantized_model_answers(started, bits, layer):
-    worker = started(**{bits: True})
+    worker = started(dtype="auto", **{bits: True})  # what auto picks, whatever DTYPE the tests run with
     assert worker.load_error is None
     if bits == "load_8bit":
         assert worker.loaded.dtype is torch.float16, "DTYPE=auto with 8-bit weights is float16"
