@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: run test bench notebooks notebook install install-dev
+.PHONY: run test bench conformance notebooks notebook install install-dev
 
 run: install
 	$(PY) -m model_cache
@@ -19,6 +19,12 @@ test: install-dev
 bench: install
 	$(PY) -m model_cache
 	$(PY) -m benchmarks.throughput
+
+# The engine's greedy answers against the model's own generate, with the worker's settings
+# (BASE_MODEL, LORA_ADAPTERS, ADAPTER_DIR, DTYPE, ...): exits 1 when an answer differs.
+conformance: install
+	$(PY) -m model_cache
+	$(PY) -m benchmarks.conformance
 
 # JupyterLab with the project's venv as the kernel "Python (llm-worker)".
 notebooks: install-dev
