@@ -6,11 +6,10 @@ table), reserved whole when it is admitted (prompt + ``max_new_tokens``), so a r
 can never run out of room and nothing is ever preempted; a request that does not fit waits.
 Block 0 is scratch: padding rows and padding tokens write there and read from there.
 
-Attention reads a row's keys and values by copying its blocks (``PoolView.update``) into a
-``[rows, kv_heads, blocks * BLOCK_SIZE, head_dim]`` buffer for the model's own attention (or, when
-rows of very different lengths share a forward, one such buffer per segment of rows of similar
-length); a query at position ``p`` sees keys ``0..p``, which masks both padding and unwritten
-positions.
+How a forward writes to and reads from the pool is ``attention.PoolView``: each row's blocks
+are copied into a ``[rows, kv_heads, blocks * BLOCK_SIZE, head_dim]`` buffer for the model's
+own attention, masked by the model's own mask rule at each row's positions, which also hides
+padding and unwritten positions.
 """
 
 from __future__ import annotations
@@ -90,59 +89,6 @@ class KVPool:
 
 
 Segment = tuple[int, int, int]  # rows [start, end) of a forward that read `blocks` blocks of context each
-
-
-class SegmentedContext:
-    """A forward's keys (or values) in segments of rows, each as long as its longest row, for
-    ``runner.pool_attention``: a row is padded to its segment's length, not the whole batch's."""
-
-    def __init__(self, segments: tuple[Segment, ...], parts: list[torch.Tensor]) -> None:
-        self.segments = segments
-        self.parts = parts
-
-
-class PoolView:
-    """What the model's layers see as their cache for one forward pass.
-
-    ``update`` is called by every attention layer with the new keys/values ``[rows, kv_heads,
-    width, head_dim]``: it writes them at ``write_index`` (flat pool positions, ``rows * width``)
-    and returns each row's whole context: its blocks (``block_table``, [rows, blocks]) copied whole
-    into two buffers made once per forward and shared by every layer (each layer's attention is
-    done with them before the next layer writes). Copying 16-token blocks rather than single
-    tokens, into memory that is not allocated again for each layer, keeps the copy near memory
-    speed on a CPU (a fresh 10 MB tensor per layer cost page faults that doubled a 22-row step).
-
-    With ``segments`` (rows sorted by context length), each segment copies only as many blocks as
-    its longest row, and the context goes to attention as a ``SegmentedContext``."""
-
-    def __init__(self, pool: KVPool, write_index: torch.Tensor, block_table: torch.Tensor, segments: tuple[Segment, ...] | None = None) -> None:
-        self.pool = pool
-        self.write_index = write_index
-        rows, width = block_table.shape
-        self.segments = segments or ((0, rows, width),)
-        self.tables = [block_table[start:end, :blocks].reshape(-1) for start, end, blocks in self.segments]
-        counts = [table.shape[0] for table in self.tables]
-        shape = pool.shape
-        size = (sum(counts), BLOCK_SIZE * shape.kv_heads * shape.head_dim)
-        device = pool.keys[0].device
-        self.key_parts = torch.empty(size, dtype=shape.dtype, device=device).split(counts)
-        self.value_parts = torch.empty(size, dtype=shape.dtype, device=device).split(counts)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        heads, dim = keys.shape[1], keys.shape[2]
-        keys.index_copy_(0, self.write_index, key_states.transpose(1, 2).reshape(-1, heads, dim))
-        values.index_copy_(0, self.write_index, value_states.transpose(1, 2).reshape(-1, heads, dim))
-        by_block = (self.pool.blocks, -1)
-        context, context_values = [], []
-        for (start, end, _), table, key_part, value_part in zip(self.segments, self.tables, self.key_parts, self.value_parts):
-            torch.index_select(keys.view(by_block), 0, table, out=key_part)
-            torch.index_select(values.view(by_block), 0, table, out=value_part)
-            context.append(key_part.view(end - start, -1, heads, dim).transpose(1, 2))
-            context_values.append(value_part.view(end - start, -1, heads, dim).transpose(1, 2))
-        if len(context) == 1:
-            return context[0], context_values[0]
-        return SegmentedContext(self.segments, context), SegmentedContext(self.segments, context_values)
 
 
 def kv_budget_blocks(

@@ -2,9 +2,10 @@
 
 ``forward_step`` is the whole device side of a step, a pure function of tensors (gpt-fast's
 ``decode_one_token``): positions, the pool slots to write and the block tables come in as
-tensors the host filled; the causal mask is computed on the device; the
-logits of each row's last column come out. Nothing in it reads a tensor back to the host, so it
-compiles with ``torch.compile(fullgraph=True)`` and captures as a CUDA graph.
+tensors the host filled; the model's own masks are evaluated at those positions on the device
+(``attention.py``); the logits of each row's last column come out. Nothing in it reads a tensor
+back to the host, so it captures as a CUDA graph (the layers' sliding windows, which set how
+many blocks a read copies, are learned once, at the probe step of ``StepRunner``).
 
 On CUDA, decoding steps run as CUDA graphs, one per (adapter, rows bucket, context bucket): the
 host copies its inputs into the graph's static buffers and replays it. Buckets pad rows (to
@@ -24,41 +25,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-from llm_worker.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, PoolView, Segment, SegmentedContext, blocks_for
+from llm_worker.attention import LayerWindows, PoolView, attention_path, check_model, check_probe, use_pool_attention
+from llm_worker.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
 from llm_worker.loading import weight_bytes
 
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 GRAPH_CONTEXT_BLOCKS_AT_START = 16  # graphs for contexts up to 256 tokens are captured at start
-POOL_ATTENTION = "llm_worker_pool"  # the attention implementation the engine gives its model
 # What one more segment of rows costs in a forward (per layer: a copy and an attention call more),
 # counted in blocks of context copied for one row; measured on the CPU, ~45 us against ~3 us.
 SEGMENT_COST_BLOCKS = 16
-
-
-def pool_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, once per segment when the cache hands over a
-    ``SegmentedContext`` (each segment's rows, their mask cut to the segment's context)."""
-    if not isinstance(key, SegmentedContext):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = []
-    for (start, end, blocks), keys, values in zip(key.segments, key.parts, value.parts):
-        mask = attention_mask[start:end, :, :, : blocks * BLOCK_SIZE] if attention_mask is not None else None
-        outputs.append(sdpa_attention_forward(module, query[start:end], keys, values, mask, **kwargs)[0])
-    return torch.cat(outputs), None
-
-
-AttentionInterface.register(POOL_ATTENTION, pool_attention)
-
-
-def use_pool_attention(model) -> None:
-    """Let the model read segmented contexts (plain SDPA otherwise, beam search included)."""
-    if model.config._attn_implementation != POOL_ATTENTION:
-        model.set_attn_implementation(POOL_ATTENTION)
 
 
 def forward_step(
@@ -69,19 +46,24 @@ def forward_step(
     write_index: torch.Tensor,
     block_table: torch.Tensor,
     segments: tuple[Segment, ...] | None = None,
+    windows: LayerWindows | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """One forward pass. ``input_ids``/``positions``: [rows, width] (left padding at position 0);
     ``write_index``: [rows * width] flat pool positions for the new keys/values; ``block_table``:
-    [rows, blocks]; ``segments`` (host ints, the model using ``POOL_ATTENTION``): rows that read
-    fewer blocks than the table's width. Returns the logits of each row's last column, [rows, vocab]."""
-    keys = torch.arange(block_table.shape[1] * BLOCK_SIZE, device=positions.device)
-    mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [rows, 1, width, context]
+    [rows, blocks]; ``segments`` (host ints): rows that read fewer blocks than the table's width;
+    ``windows``: the layers' sliding windows, learned once. No mask goes in: the model builds its
+    own mask rules and the pool's attention evaluates them at these positions. Returns the
+    logits of each row's last column, [rows, vocab]."""
+    return run_view(model, input_ids, PoolView(pool, write_index, block_table, positions, segments, windows), **model_kwargs)
+
+
+def run_view(model: torch.nn.Module, input_ids: torch.Tensor, view: PoolView, **model_kwargs) -> torch.Tensor:
+    use_pool_attention(model)
     output = model(
         input_ids=input_ids,
-        position_ids=positions,
-        attention_mask=mask,
-        cache=PoolView(pool, write_index, block_table, segments),
+        position_ids=view.positions,
+        cache=view,
         use_cache=True,
         logits_to_keep=1,
         **model_kwargs,
@@ -122,7 +104,7 @@ def adapter_state(model, names: list[str | None]) -> AdapterState:
     """How to run rows that use these adapters (None: the base model): a context to run in (a
     factory: capture enters it twice), the forward's extra arguments, and a key naming the state
     for graph capture (None: mixed, run eagerly). One shared adapter becomes PEFT's active
-    adapter; a mix uses PEFT's per-row ``adapter_names``."""
+    adapter; a mix uses PEFT's per-row ``adapter_names`` (only where ``adapter_groups`` allows)."""
     if not hasattr(model, "peft_config"):
         return contextlib.nullcontext, {}, BASE_ADAPTER
     distinct = set(names)
@@ -134,6 +116,31 @@ def adapter_state(model, names: list[str | None]) -> AdapterState:
             model.set_adapter(name)
         return contextlib.nullcontext, {}, name
     return contextlib.nullcontext, {"adapter_names": [n or BASE_ADAPTER for n in names]}, None
+
+
+def adapter_groups(model, names: list[str | None]) -> list[list[int]]:
+    """Rows that run as one forward: all of them, unless they use several adapters and PEFT
+    cannot mix the loaded ones per row; then one forward per adapter, so that no answer depends
+    on what shares its step."""
+    if len(set(names)) == 1 or all(mixable(config) for config in getattr(model, "peft_config", {}).values()):
+        return [list(range(len(names)))]
+    groups: dict[str | None, list[int]] = {}
+    for row, name in enumerate(names):
+        groups.setdefault(name, []).append(row)
+    return list(groups.values())
+
+
+def mixable(config) -> bool:
+    """Whether PEFT's per-row ``adapter_names`` serves this adapter exactly: plain LoRA only.
+    PEFT refuses DoRA there, and a loaded adapter with ``modules_to_save`` (or trainable tokens)
+    breaks every mixed forward, even one it is not part of."""
+    return not (
+        getattr(config, "use_dora", False)
+        or getattr(config, "modules_to_save", None)
+        or getattr(config, "trainable_token_indices", None)
+        or getattr(config, "target_parameters", None)
+        or getattr(config, "lora_bias", False)
+    )
 
 
 def bucket(value: int, sizes: list[int]) -> int:
@@ -173,6 +180,7 @@ class CapturedStep:
         for tensor in (self.input_ids, self.positions, self.write_index, self.block_table):
             tensor.zero_()  # padding: every write and read goes to the scratch block
         args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
+        kwargs = {**kwargs, "windows": runner.windows}
         self.graph = None
         if not runner.use_graphs:
             self._eager = lambda: forward_step(*args, **kwargs)
@@ -226,12 +234,15 @@ class StepRunner:
         cuda_graphs: bool,
         static_shapes: bool | None = None,
     ) -> None:
+        check_model(model)
         use_pool_attention(model)
         self.model = model
         self.pool = pool
         self.device = device
         self.weight_bytes = weight_bytes(model)
         self.max_blocks = max_blocks
+        self.windows = LayerWindows(max_blocks * BLOCK_SIZE)
+        self._probe()
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.static_shapes = self.use_graphs if static_shapes is None else static_shapes
         self.rows_sizes = row_buckets(max_rows)
@@ -251,6 +262,18 @@ class StepRunner:
             self.pinned = torch.zeros(max_rows * (3 + max_blocks), dtype=torch.long)
             if device.type == "cuda":
                 self.pinned = self.pinned.pin_memory()
+
+    def _probe(self) -> None:
+        """One step of one token on the scratch block: every layer must read through the pool
+        (else the model is refused), and each layer's sliding window is learned. Logs the path."""
+        zero = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        view = PoolView(self.pool, zero[0] + SCRATCH_BLOCK * BLOCK_SIZE, zero + SCRATCH_BLOCK, zero, windows=self.windows)
+        with torch.inference_mode():
+            run_view(self.model, zero, view)
+        check_probe(self.model, view)
+        windows = {layer: window for layer, window in sorted(self.windows.by_layer.items()) if window is not None}
+        described = ", ".join(f"{window} tokens on layers {[layer for layer, w in windows.items() if w == window]}" for window in sorted(set(windows.values())))
+        log.info("Attention: %s%s", attention_path(self.model)[1], f"; sliding windows: {described}" if windows else "")
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
@@ -288,10 +311,18 @@ class StepRunner:
     def run(self, inputs: StepInputs, adapters: list[str | None]) -> torch.Tensor:
         """Logits [rows, vocab] of each row's last column, rows in the order given.
 
+        Rows whose adapters PEFT cannot mix run as one forward per adapter (``adapter_groups``).
         A decoding step that can use CUDA graphs replays one graph, or two when one long context
         would make every row copy its length (``split_by_context``). Any other step is one eager
         forward with its rows sorted by context length and cut into segments of similar length
         (``plan_segments``)."""
+        groups = adapter_groups(self.model, adapters)
+        if len(groups) == 1:
+            return self._run_group(inputs, adapters)
+        parts = [self._run_group(inputs.take(group), [adapters[i] for i in group]) for group in groups]
+        return self._in_order(torch.cat(parts), [i for group in groups for i in group])
+
+    def _run_group(self, inputs: StepInputs, adapters: list[str | None]) -> torch.Tensor:
         lengths = inputs.context_lengths
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         context, kwargs, key = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow the rows
@@ -319,7 +350,7 @@ class StepRunner:
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, pad_tables(inputs.block_table))
         ]
         with context():
-            return forward_step(self.model, self.pool, *tensors, segments=segments, **kwargs)
+            return forward_step(self.model, self.pool, *tensors, segments=segments, windows=self.windows, **kwargs)
 
     def _in_order(self, logits: torch.Tensor, order: list[int]) -> torch.Tensor:
         """Rows computed in ``order`` put back in the caller's order."""

@@ -1,9 +1,12 @@
 """The step runner's forward pass over the paged KV pool: exact, and free of host synchronisation."""
 
+import functools
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llm_worker.attention import LayerWindows
 from llm_worker.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
 import itertools
 
@@ -91,16 +94,18 @@ def test_a_batch_with_padding_rows_and_tables_gives_each_row_its_own_logits(tiny
 
 def test_decode_step_compiles_as_one_graph(tiny):
     """fullgraph=True fails on any graph break: a ``.item()``, ``.tolist()``, a data-dependent
-    branch, anything that would read the device from the host inside the step."""
+    branch, anything that would read the device from the host inside the step. The layers'
+    sliding windows are learned once on the host, as the runner's probe step does."""
     pool = fresh_pool(tiny)
-    compiled = torch.compile(forward_step, fullgraph=True, backend="aot_eager")
+    windows = LayerWindows(4 * BLOCK_SIZE)
+    compiled = torch.compile(functools.partial(forward_step, windows=windows), fullgraph=True, backend="aot_eager")
     rows = 3
     ids = torch.randint(0, 256, (rows, 1))
     positions = long([[5], [17], [40]])
     write = long([1 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE + 1, 7 * BLOCK_SIZE + 8])
     table = long([[1, 0, 0, 0], [9, 2, 0, 0], [3, 5, 7, 0]])
     with torch.inference_mode():
-        eager = forward_step(tiny, pool, ids, positions, write, table)
+        eager = forward_step(tiny, pool, ids, positions, write, table, windows=windows)
         graphed = compiled(tiny, pool, ids, positions, write, table)
     torch.testing.assert_close(graphed, eager)
 
