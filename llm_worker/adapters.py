@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llm_worker.schema import InputError
 from llm_worker.settings import ADAPTER_NAME, BASE_ADAPTER_NAME as BASE, Settings, parse_adapter_list
 from model_cache import ModelSourceError, resolve_adapter_source
@@ -120,7 +122,7 @@ class AdapterManager:
             return name in self._loaded
 
     # ------------------------------------------------------------------ loading (engine thread)
-    def activate(self, model, name: str, in_use: set[str]):
+    def activate(self, model, name: str, in_use: set[str], tokenizer=None):
         """Make ``name`` loaded (evicting the least recently used idle adapter if needed) and
         return the model to run, which becomes a ``PeftModel`` with the first adapter."""
         with self._lock:
@@ -128,7 +130,7 @@ class AdapterManager:
                 self._loaded.move_to_end(name)
                 return model
         folder = self.locate(name)
-        check_compatible(model, folder, name, self.settings.max_lora_rank)
+        check_compatible(model, folder, name, self.settings.max_lora_rank, tokenizer)
         with self._lock:
             while len(self._loaded) >= self.settings.max_loaded_adapters:
                 idle = next((loaded for loaded in self._loaded if loaded not in in_use), None)
@@ -179,15 +181,21 @@ def adapter_weight_shapes(folder: Path, name: str) -> dict[str, tuple[int, ...]]
 
             with safe_open(path, framework="pt") as weights:
                 return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
-        import torch
 
         return {key: tuple(value.shape) for key, value in torch.load(path, weights_only=True).items()}
     raise AdapterError(f"adapter {name!r}: no {' or '.join(WEIGHT_FILES)} in its folder")
 
 
-def check_compatible(model, folder: Path, name: str, max_rank: int) -> None:
-    """Refuse an adapter that is not LoRA, whose rank exceeds MAX_LORA_RANK, or whose weights do
-    not fit this base model's layers (another base model), before PEFT touches the model."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json", "vocab.json")
+
+
+def check_compatible(model, folder: Path, name: str, max_rank: int, tokenizer=None) -> None:
+    """Refuse, before PEFT touches the model, an adapter that is not LoRA, whose rank exceeds
+    MAX_LORA_RANK, that changes the model's structure or activates by itself (layer replication,
+    aLoRA), whose weights do not fit this base model's layers (another base model), or that was
+    trained with tokens the base model's tokenizer lacks (resized embeddings, or a tokenizer saved
+    with the adapter whose vocabulary differs): the worker encodes prompts with the base
+    model's tokenizer, so such an adapter would be answered wrong."""
     config = adapter_config(folder, name)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter {name!r}: only LoRA adapters are served, this one is {config.get('peft_type')!r}")
@@ -195,13 +203,24 @@ def check_compatible(model, folder: Path, name: str, max_rank: int) -> None:
     ranks = [rank, *map(int, (config.get("rank_pattern") or {}).values())]
     if max(ranks) > max_rank:
         raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds MAX_LORA_RANK={max_rank}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for option, what in (("layer_replication", "layer replication (it adds layers)"), ("alora_invocation_tokens", "activated LoRA (aLoRA)")):
+        if config.get(option):
+            raise AdapterError(f"adapter {name!r}: {what} is not served; merge it into the base model and serve that as BASE_MODEL")
+    base = model.base_model.model if hasattr(model, "peft_config") else model
     modules = dict(base.named_modules())
+    if config.get("use_dora") and _int8_on_cpu(base):
+        raise AdapterError(
+            f"adapter {name!r}: DoRA over an 8-bit base model is not served on the CPU: PEFT's DoRA layer replaces the "
+            "8-bit weight at every forward there and drops its scales, so its second forward fails. Serve it on a GPU, "
+            "with LOAD_4BIT=1 or without quantization, or merged (MERGE_LORA=1)"
+        )
     trained_for = config.get("base_model_name_or_path") or "an unnamed base model"
     for key, shape in adapter_weight_shapes(folder, name).items():
+        path = key.removeprefix("base_model.model.")
         if ".lora_A." not in key and ".lora_B." not in key:
+            _check_saved_module(modules, path, shape, name, trained_for)
             continue
-        path = key.removeprefix("base_model.model.").split(".lora_")[0]
+        path = path.split(".lora_")[0]
         module = modules.get(path)
         if module is None or not hasattr(module, "in_features"):
             raise AdapterError(f"adapter {name!r} (trained for {trained_for}) targets {path}, which this base model lacks")
@@ -212,6 +231,45 @@ def check_compatible(model, folder: Path, name: str, max_rank: int) -> None:
                 f"adapter {name!r} was trained for another base model ({trained_for}): {key} has shape "
                 f"{list(shape)}, this model's {path} needs {expected_dim}"
             )
+    if tokenizer is not None and any((folder / file).is_file() for file in TOKENIZER_FILES):
+        _check_tokenizer(folder, name, tokenizer)
+
+
+def _int8_on_cpu(model) -> bool:
+    return any(type(module).__name__ == "Linear8bitLt" and module.weight.device.type == "cpu" for module in model.modules())
+
+
+def _check_saved_module(modules: dict, path: str, shape: tuple[int, ...], name: str, trained_for: str) -> None:
+    """A whole module saved with the adapter (``modules_to_save``) must have the base module's shape."""
+    owner, _, parameter = path.rpartition(".")
+    module = modules.get(owner)
+    expected = getattr(module, parameter, None) if module is not None else None
+    if not isinstance(expected, torch.Tensor) or tuple(expected.shape) == tuple(shape):
+        return
+    if isinstance(module, (torch.nn.Embedding, torch.nn.Linear)) and expected.shape[1:] == tuple(shape[1:]):
+        raise AdapterError(
+            f"adapter {name!r} was trained with a resized vocabulary ({shape[0]} tokens in its {owner}; this base model "
+            f"has {expected.shape[0]}): merge it into the base model and serve that, with its tokenizer, as BASE_MODEL"
+        )
+    raise AdapterError(
+        f"adapter {name!r} was trained for another base model ({trained_for}): {path} has shape {list(shape)}, "
+        f"this model's has {list(expected.shape)}"
+    )
+
+
+def _check_tokenizer(folder: Path, name: str, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # a broken tokenizer file is the adapter's problem, named as such
+        raise AdapterError(f"adapter {name!r}: its tokenizer files do not load ({type(err).__name__}: {err})") from None
+    added = sorted(set(own.get_vocab()) - set(tokenizer.get_vocab()))
+    if added:
+        raise AdapterError(
+            f"adapter {name!r} comes with a tokenizer that has {len(added)} token(s) the base model's tokenizer lacks "
+            f"(e.g. {added[:3]}): merge it into the base model and serve that, with its tokenizer, as BASE_MODEL"
+        )
 
 
 def load_into(model, folder: Path, name: str):
@@ -222,3 +280,4 @@ def load_into(model, folder: Path, name: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(folder), adapter_name=name).eval()
+

@@ -363,7 +363,7 @@ class Engine:
         in_use = {s.request.adapter for s in [*self.scheduler.running, *self.scheduler.prefilling]}
         loading = not self.adapters.is_loaded(name)
         try:
-            model = self.adapters.activate(self.model, name, in_use)
+            model = self.adapters.activate(self.model, name, in_use, self.tokenizer)
         except AdapterSlotsBusy:
             return False
         except Exception as err:

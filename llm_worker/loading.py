@@ -138,12 +138,12 @@ def load_model(settings: Settings) -> LoadedModel:
     fix_special_tokens(model, tokenizer)
     merged = None
     if settings.lora_weights and settings.merge_lora:
-        model, merged = merge_lora(model, settings)
+        model, merged = merge_lora(model, settings, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, name, device, dtype, merged, time.perf_counter() - started)
 
 
-def merge_lora(model, settings: Settings):
+def merge_lora(model, settings: Settings, tokenizer):
     """MERGE_LORA=1: fold LORA_WEIGHTS into the base weights (no per-step LoRA cost)."""
     from peft import PeftModel
 
@@ -151,7 +151,7 @@ def merge_lora(model, settings: Settings):
 
     folder = resolve_adapter_source(settings.lora_weights, settings)
     name = adapter_name(settings.lora_weights)
-    check_compatible(model, folder, name, settings.max_lora_rank)
+    check_compatible(model, folder, name, settings.max_lora_rank, tokenizer)
     return PeftModel.from_pretrained(model, folder, adapter_name=name).merge_and_unload(), name
 
 
