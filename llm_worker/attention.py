@@ -132,6 +132,7 @@ class PoolView:
         self.windows = windows or LayerWindows(width * BLOCK_SIZE)
         self.written: set[int] = set()  # layers that wrote, for check_model
         self.read_by: set[int] = set()  # layers that read through the pool's attention
+        self.blocks_read: dict[int, int] = {}  # layer -> blocks its read copied (host ints: shapes)
         self._reads: dict[tuple[int, int | None], list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
         shape = pool.shape
         size = (sum((end - start) * blocks for start, end, blocks in self.segments), BLOCK_SIZE * shape.kv_heads * shape.head_dim)
@@ -198,7 +199,9 @@ class LayerContext:
         heads, dim = keys.shape[1], keys.shape[2]
         by_block = (view.pool.blocks, -1)
         used = 0
-        for start, end, table, mask in view.plan(rule, window):
+        plans = view.plan(rule, window)
+        view.blocks_read[self.layer] = sum(table.numel() for _, _, table, _ in plans)
+        for start, end, table, mask in plans:
             flat = table.reshape(-1)
             key_part = view.key_buffer[used : used + flat.shape[0]]
             value_part = view.value_buffer[used : used + flat.shape[0]]
@@ -285,6 +288,8 @@ def check_model(model) -> None:
     the pool and read them through the pool's attention)."""
     config = base_model_of(model).config.get_text_config(decoder=True)
     name = type(base_model_of(model)).__name__
+    if not getattr(config, "num_attention_heads", None):
+        raise UnsupportedModel(f"{name} has no attention layers: the engine's KV pool holds attention keys and values only")
     kinds = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention", "chunked_attention"}
     if kinds:
         raise UnsupportedModel(

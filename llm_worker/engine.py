@@ -40,6 +40,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
+from llm_worker.attention import check_model
 from llm_worker.kv_cache import (
     BLOCK_SIZE,
     SCRATCH_BLOCK,
@@ -183,6 +184,7 @@ class Engine:
         self.eos_mask[[i for i in self.eos_ids if i < vocab]] = True
         self.vocab = vocab
 
+        check_model(model)
         shape = KVShape.of(model, dtype or _activation_dtype(model))
         max_blocks = blocks_for(config.max_seq_len)
         reserved = self._profile_peak(shape, max_blocks) if self.device.type == "cuda" else 0

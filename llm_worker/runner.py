@@ -25,7 +25,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llm_worker.attention import LayerWindows, PoolView, attention_path, check_model, check_probe, use_pool_attention
+from llm_worker.attention import (
+    LayerWindows,
+    PoolView,
+    UnsupportedModel,
+    attention_path,
+    base_model_of,
+    check_probe,
+    use_pool_attention,
+)
 from llm_worker.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
 from llm_worker.loading import weight_bytes
 
@@ -234,7 +242,6 @@ class StepRunner:
         cuda_graphs: bool,
         static_shapes: bool | None = None,
     ) -> None:
-        check_model(model)
         use_pool_attention(model)
         self.model = model
         self.pool = pool
@@ -268,8 +275,16 @@ class StepRunner:
         (else the model is refused), and each layer's sliding window is learned. Logs the path."""
         zero = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         view = PoolView(self.pool, zero[0] + SCRATCH_BLOCK * BLOCK_SIZE, zero + SCRATCH_BLOCK, zero, windows=self.windows)
-        with torch.inference_mode():
-            run_view(self.model, zero, view)
+        try:
+            with torch.inference_mode():
+                run_view(self.model, zero, view)
+        except UnsupportedModel:
+            raise
+        except Exception as err:  # the model's forward does not take the pool as its cache
+            raise UnsupportedModel(
+                f"{type(base_model_of(self.model)).__name__}: a probe step through the engine's KV pool failed "
+                f"({type(err).__name__}: {err}); the engine serves decoder models whose layers all use attention"
+            ) from err
         check_probe(self.model, view)
         windows = {layer: window for layer, window in sorted(self.windows.by_layer.items()) if window is not None}
         described = ", ".join(f"{window} tokens on layers {[layer for layer, w in windows.items() if w == window]}" for window in sorted(set(windows.values())))

@@ -171,3 +171,45 @@ def test_merged_lora_serves_only_the_merged_adapter(started, pirate_adapter):
 def test_malformed_lora_adapters_setting_is_refused():
     with pytest.raises(ValueError, match="not name=path_or_hub_id"):
         Settings(lora_adapters="just-a-path")
+
+
+# ---------------------------------------------------------------- adapters the worker cannot answer as PEFT would
+@pytest.fixture(scope="module")
+def tiny_llama_and_tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer))
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_an_adapter_trained_with_a_resized_vocabulary_is_refused_naming_both_sizes(tiny_llama_and_tokenizer, tmp_path):
+    from copy import deepcopy
+
+    from llm_worker.adapters import AdapterError, check_compatible
+
+    model, tokenizer = tiny_llama_and_tokenizer
+    grown = deepcopy(model)
+    grown.resize_token_embeddings(len(tokenizer) + 2)
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    get_peft_model(grown, config).save_pretrained(tmp_path / "grown")
+    with pytest.raises(AdapterError, match=rf"resized vocabulary \({len(tokenizer) + 2} tokens .* has {len(tokenizer)}\)"):
+        check_compatible(model, tmp_path / "grown", "grown", 64, tokenizer)
+
+
+def test_an_adapter_whose_tokenizer_adds_tokens_is_refused_and_one_with_the_base_tokenizer_is_not(tiny_llama_and_tokenizer, tmp_path):
+    from copy import deepcopy
+
+    from llm_worker.adapters import AdapterError, check_compatible
+
+    model, tokenizer = tiny_llama_and_tokenizer
+    get_peft_model(deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    check_compatible(model, tmp_path / "plain", "plain", 64, tokenizer)  # the base's own tokenizer: served
+
+    shutil.copytree(tmp_path / "plain", tmp_path / "added")
+    extended = deepcopy(tokenizer)
+    extended.add_tokens(["<|tool_call|>"])
+    extended.save_pretrained(tmp_path / "added")
+    with pytest.raises(AdapterError, match=r"1 token\(s\) the base model's tokenizer lacks \(e.g. \['<\|tool_call\|>'\]\)"):
+        check_compatible(model, tmp_path / "added", "added", 64, tokenizer)
