@@ -61,8 +61,20 @@ FAMILIES = {
         transformers.MixtralForCausalLM,
         dict(GQA, num_local_experts=4, num_experts_per_tok=2),
     ),
+    # its layers get a window through the mask only (the attention is not told): the mask rule decides
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(GQA, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),  # layer 0 local, 1 global
+    ),
+    # attention sinks, no SDPA: served by its own eager attention
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        transformers.GptOssForCausalLM,
+        dict(GQA, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], num_local_experts=4),
+    ),
 }
-WINDOWED = ["mistral", "gemma3", "gemma2", "phi3"]
+WINDOWED = ["mistral", "gemma3", "gemma2", "phi3", "qwen2_moe", "gpt_oss"]
 
 
 def tiny_model(family: str, vocab: int, **overrides) -> torch.nn.Module:
