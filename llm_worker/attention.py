@@ -135,7 +135,10 @@ class PoolView:
         self.blocks_read: dict[int, int] = {}  # layer -> blocks its read copied (host ints: shapes)
         self._reads: dict[tuple[int, int | None], list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
         shape = pool.shape
-        size = (sum((end - start) * blocks for start, end, blocks in self.segments), BLOCK_SIZE * shape.kv_heads * shape.head_dim)
+        width = positions.shape[1]
+        windows_in_use = set(self.windows.by_layer.values()) or {None}  # before the probe: every layer reads all
+        most = max(sum((end - start) * _read_blocks(blocks, window, width) for start, end, blocks in self.segments) for window in windows_in_use)
+        size = (most, BLOCK_SIZE * shape.kv_heads * shape.head_dim)
         device = pool.keys[0].device
         self.key_buffer = torch.empty(size, dtype=shape.dtype, device=device)
         self.value_buffer = torch.empty(size, dtype=shape.dtype, device=device)
@@ -166,7 +169,7 @@ class PoolView:
             plans = []
             for start, end, blocks in self.segments:
                 positions = self.positions[start:end]
-                count = blocks if window is None else min(blocks, blocks_for(window + width - 1) + 1)
+                count = _read_blocks(blocks, window, width)
                 offsets = torch.arange(count, device=positions.device)
                 if count == blocks:
                     first = torch.zeros_like(positions[:, -1])
@@ -180,6 +183,12 @@ class PoolView:
                 plans.append((start, end, table, rule.visible(queries, key_positions)))
             self._reads[key] = plans
         return self._reads[key]
+
+
+def _read_blocks(blocks: int, window: int | None, width: int) -> int:
+    """How many blocks a row reads of a table of ``blocks``: all, or those that queries at
+    ``width`` consecutive positions can see through a window (one more: it need not be aligned)."""
+    return blocks if window is None else min(blocks, blocks_for(window + width - 1) + 1)
 
 
 class LayerContext:

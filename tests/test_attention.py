@@ -89,6 +89,7 @@ def test_a_windowed_layer_reads_only_the_blocks_inside_its_window_and_gives_the_
     assert windows.by_layer == {0: window, 1: window}
     # a decoding step at position ~160 holds 11 blocks, and reads the window's 2 (+1 for alignment) per layer
     assert view.blocks_read == {0: blocks_for(window) + 1, 1: blocks_for(window) + 1}
+    assert view.key_buffer.shape[0] == blocks_for(window) + 1  # every layer is windowed: no room for more
     assert blocks_for(len(tokens)) > blocks_for(window) + 1
 
 
