@@ -56,6 +56,11 @@ def check_outcome(event, chunks: list) -> None:
     """An input the schema refuses gets exactly the schema's one-line error naming the field; an
     input it accepts gets a well-formed answer, or one of the refusals that need the model."""
     assert chunks and all(isinstance(chunk, dict) for chunk in chunks)
+    if isinstance(event, dict) and "openai_route" in event:  # the OpenAI door answers in OpenAI's error shape
+        if "error" in chunks[0]:
+            error = chunks[0]["error"]
+            assert len(chunks) == 1 and error["type"] and len(error["message"].splitlines()) == 1, error
+        return
     try:
         job, refusal = parse_job_input(event, HANDLER_LIMITS), None
     except InputError as err:
