@@ -17,9 +17,9 @@ step out of memory drops the newest request, a row whose logits are not finite f
 caller that is gone is dropped, and no error stops the thread. ``close()`` ends every request in
 flight with an error.
 
-Beam search (``num_beams > 1``) runs through transformers' ``generate`` on this thread, outside
-the KV pool: while it runs, the other requests wait. It stops early when its job is cancelled or
-runs past ``MAX_JOB_SECONDS``.
+Beam search (``num_beams > 1``, ``beam_search.py``) runs through transformers' ``generate`` on
+this thread, outside the KV pool: while it runs, the other requests wait. It stops early when its
+job is cancelled or runs past ``MAX_JOB_SECONDS``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
 from llm_worker.attention import check_model
+from llm_worker.beam_search import beam_search
 from llm_worker.kv_cache import (
     BLOCK_SIZE,
     SCRATCH_BLOCK,
@@ -50,10 +50,9 @@ from llm_worker.kv_cache import (
     blocks_for,
     kv_budget_blocks,
 )
-from llm_worker.runner import StepInputs, StepRunner, adapter_state, forward_step
+from llm_worker.runner import StepInputs, StepRunner, forward_step
 from llm_worker.sampling import (
     BAD_ROW,
-    MIN_TEMPERATURE,
     BatchParams,
     SamplingParams,
     banned_ngram_tokens,
@@ -601,60 +600,25 @@ class Engine:
 
     # ----------------------------------------------------------------- beam search
     def _run_beam_search(self, seqs: list[Sequence]) -> None:
-        """Beam search through ``model.generate``, on the engine thread; it stops early when the
-        job is cancelled or runs past its time limit."""
+        """Beam search (``beam_search.py``) on the engine thread; it stops early when the job is
+        cancelled or runs past its time limit."""
         (seq,) = seqs
         self.scheduler.prefilling.remove(seq)
         self.scheduler.running.append(seq)  # counted as running while it runs
-        config = seq.request.config
-        sampling = {}
-        if config.sampling:
-            sampling = {
-                "do_sample": True,
-                "temperature": max(seq.params.temperature, MIN_TEMPERATURE),
-                "top_k": seq.params.top_k,
-                "top_p": seq.params.top_p,
-            }
-            torch.manual_seed(seq.params.seed)
         deadline = seq.submitted + self.config.max_job_seconds if self.config.max_job_seconds else None
-        input_ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        context, kwargs, _ = adapter_state(self.model, [seq.request.adapter])
-        with context():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                num_beams=config.num_beams,
-                max_new_tokens=config.max_new_tokens,
-                min_new_tokens=config.min_new_tokens,
-                repetition_penalty=config.repetition_penalty,
-                no_repeat_ngram_size=config.no_repeat_ngram_size,
-                early_stopping=True,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id,
-                stopping_criteria=StoppingCriteriaList([_StopWhen(seq.handle, deadline)]),
-                **sampling,
-                **kwargs,
-            )
+        request = seq.request
+        tokens = beam_search(
+            self.model, request.prompt_ids, request.config, seq.params, request.adapter,
+            self.eos_ids, self.pad_id, seq.handle.cancelled, deadline,
+        )
         if seq.handle.cancelled.is_set():
             self._release(seq, "cancelled")
             return
-        for token in output[0, input_ids.shape[1] :].tolist():
+        for token in tokens:
             self._accept(seq, token)
             if seq.finish_reason is not None:
                 return
         self._finish(seq, "time_limit" if deadline and time.monotonic() > deadline else "length")
-
-
-class _StopWhen(StoppingCriteria):
-    """Ends ``generate`` when the request is cancelled or past its deadline."""
-
-    def __init__(self, handle: RequestHandle, deadline: float | None) -> None:
-        self.handle = handle
-        self.deadline = deadline
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        stop = self.handle.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def _return_freed_memory(device: torch.device) -> None:
