@@ -94,6 +94,14 @@ class LayerWindows:
         self.horizon = horizon
         self.by_layer: dict[int, int | None] = {}
 
+    def describe(self) -> str:
+        """E.g. ``4096 tokens on layers [0, 2]`` (empty: no layer has a window)."""
+        layers: dict[int, list[int]] = {}
+        for layer, window in sorted(self.by_layer.items()):
+            if window is not None:
+                layers.setdefault(window, []).append(layer)
+        return ", ".join(f"{window} tokens on layers {found}" for window, found in sorted(layers.items()))
+
     def of(self, layer: int, rule: MaskRule) -> int | None:
         if layer not in self.by_layer:
             self.by_layer[layer] = rule.sliding_window(self.horizon)
@@ -130,10 +138,10 @@ class PoolView:
         rows, width = block_table.shape
         self.segments = segments or ((0, rows, width),)
         self.windows = windows or LayerWindows(width * BLOCK_SIZE)
-        self.written: set[int] = set()  # layers that wrote, for check_model
+        self.written: set[int] = set()  # layers that wrote, for check_probe
         self.read_by: set[int] = set()  # layers that read through the pool's attention
         self.blocks_read: dict[int, int] = {}  # layer -> blocks its read copied (host ints: shapes)
-        self._reads: dict[tuple[int, int | None], list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+        self._reads: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
         shape = pool.shape
         width = positions.shape[1]
         windows_in_use = set(self.windows.by_layer.values()) or {None}  # before the probe: every layer reads all
@@ -159,11 +167,14 @@ class PoolView:
         context = LayerContext(self, layer_idx)
         return context, context
 
-    def plan(self, rule: MaskRule, window: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def plan(
+        self, rule: MaskRule, window: int | None, additive: torch.dtype | None = None
+    ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """For each segment: its rows, the blocks each row reads ([rows, n]) and their mask
-        [rows, 1, width, n * BLOCK_SIZE]. Made once per forward for each mask rule and window,
-        shared by the layers that have them."""
-        key = (id(rule), window)
+        [rows, 1, width, n * BLOCK_SIZE], boolean or (``additive``: a dtype) as eager attention
+        adds it. Made once per forward for each mask rule, window and form, shared by the layers
+        that have them."""
+        key = (id(rule), window, additive)
         if key not in self._reads:
             width = self.positions.shape[1]
             plans = []
@@ -180,7 +191,8 @@ class PoolView:
                 key_positions = first[:, None] * BLOCK_SIZE + torch.arange(count * BLOCK_SIZE, device=positions.device)
                 # a padding query (position 0) before the read range sees its first key, never nothing
                 queries = torch.maximum(positions, first[:, None] * BLOCK_SIZE)
-                plans.append((start, end, table, rule.visible(queries, key_positions)))
+                visible = rule.visible(queries, key_positions)
+                plans.append((start, end, table, additive_mask(visible, additive) if additive else visible))
             self._reads[key] = plans
         return self._reads[key]
 
@@ -198,9 +210,11 @@ class LayerContext:
         self.view = view
         self.layer = layer
 
-    def read(self, rule: MaskRule) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def read(
+        self, rule: MaskRule, additive: torch.dtype | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per segment: its rows [start, end), their keys and values [rows, kv_heads, keys,
-        head_dim] and mask [rows, 1, width, keys]."""
+        head_dim] and mask [rows, 1, width, keys] (see ``PoolView.plan``)."""
         view = self.view
         view.read_by.add(self.layer)
         window = view.windows.of(self.layer, rule)
@@ -208,7 +222,7 @@ class LayerContext:
         heads, dim = keys.shape[1], keys.shape[2]
         by_block = (view.pool.blocks, -1)
         used = 0
-        plans = view.plan(rule, window)
+        plans = view.plan(rule, window, additive)
         view.blocks_read[self.layer] = sum(table.numel() for _, _, table, _ in plans)
         for start, end, table, mask in plans:
             flat = table.reshape(-1)
@@ -235,8 +249,7 @@ def _attend(kernel: Callable, additive: bool, module, query, key, value, attenti
             f"{type(module).__name__} builds its attention mask its own way, not through transformers' mask functions"
         )
     outputs = []
-    for start, end, keys, values, visible in key.read(attention_mask):
-        mask = additive_mask(visible, query.dtype) if additive else visible
+    for start, end, keys, values, mask in key.read(attention_mask, query.dtype if additive else None):
         outputs.append(kernel(module, query[start:end], keys, values, mask, **kwargs)[0])
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 

@@ -286,9 +286,8 @@ class StepRunner:
                 f"({type(err).__name__}: {err}); the engine serves decoder models whose layers all use attention"
             ) from err
         check_probe(self.model, view)
-        windows = {layer: window for layer, window in sorted(self.windows.by_layer.items()) if window is not None}
-        described = ", ".join(f"{window} tokens on layers {[layer for layer, w in windows.items() if w == window]}" for window in sorted(set(windows.values())))
-        log.info("Attention: %s%s", attention_path(self.model)[1], f"; sliding windows: {described}" if windows else "")
+        windows = self.windows.describe()
+        log.info("Attention: %s%s", attention_path(self.model)[1], f"; sliding windows: {windows}" if windows else "")
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
