@@ -89,4 +89,7 @@ WORKDIR /app
 COPY llm_worker/ llm_worker/
 COPY handler.py test_input.json ./
 
+# The RunPod worker by default. The same image serves HTTP on a Pod or a VM:
+#   docker run --gpus all -p 8000:8000 -e API_KEY=... llm-worker python -m llm_worker.server --host 0.0.0.0
+EXPOSE 8000
 CMD ["python", "-u", "handler.py"]

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: run test bench conformance notebooks notebook install install-dev
+.PHONY: run test serve bench conformance notebooks notebook install install-dev
 
 run: install
 	$(PY) -m model_cache
@@ -15,6 +15,13 @@ run: install
 test: install-dev
 	$(PY) -m model_cache
 	$(PY) -m pytest
+
+# The HTTP server (seed REST API + OpenAI's) on a Pod, a VM or this machine: make serve HOST=0.0.0.0 PORT=8000
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: install
+	$(PY) -m model_cache
+	$(PY) -m llm_worker.server --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) -m model_cache

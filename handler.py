@@ -11,6 +11,7 @@ import sys
 
 import runpod
 
+from llm_worker import jobs
 from llm_worker.logs import configure_logging
 from llm_worker.service import Worker, collect
 
@@ -20,13 +21,13 @@ atexit.register(worker.close)  # stop the engine thread before the interpreter t
 
 
 async def handler(job):
-    async for chunk in worker.handle(job.get("input")):
+    async for chunk in jobs.handle(worker, job.get("input")):
         yield chunk
 
 
 async def handler_collected(job):
     """The SDK's local test mode prints a generator instead of running it: fold the stream here."""
-    return await collect(worker.handle(job.get("input")))
+    return await collect(jobs.handle(worker, job.get("input")))
 
 
 def concurrency_modifier(current: int) -> int:

@@ -112,6 +112,16 @@ Event = Delta | Completion | Failed
 Sink = Callable[[Event], None]
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for metrics."""
+
+    running: int  # holding KV: decoding, or their prompt being prefilled
+    waiting: int  # submitted, not yet admitted
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
 class EngineError(RuntimeError):
     """A request could not be served by the engine."""
 
@@ -243,6 +253,17 @@ class Engine:
     def running(self) -> int:
         """Requests holding KV now (decoding, or their prompt being prefilled)."""
         return len(self.scheduler.running) + len(self.scheduler.prefilling)
+
+    def stats(self) -> EngineStats:
+        """Read from any thread: counts the engine thread may change a moment later."""
+        scheduler = self.scheduler
+        total = scheduler.allocator.total
+        return EngineStats(
+            running=self.running,
+            waiting=len(scheduler.waiting) + self._inbox.qsize(),
+            kv_blocks_used=total - scheduler.allocator.free,
+            kv_blocks_total=total,
+        )
 
     # ----------------------------------------------------------------- callers' side
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:

@@ -40,11 +40,29 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit
 
 
 class OpenAIError(Exception):
-    """A request the OpenAI door refuses; ``body`` is OpenAI's error object."""
+    """A request the OpenAI door refuses; ``body`` is OpenAI's error object, ``status`` the HTTP
+    status OpenAI answers it with."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        status: int = 400,
+    ) -> None:
         super().__init__(message)
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.status = status
+
+
+def unavailable(reason: str) -> OpenAIError:
+    """The worker cannot serve (its model failed to load, is loading, or it is shutting down)."""
+    return OpenAIError(reason, type="server_error", code="worker_unavailable", status=503)
+
+
+def server_error(err: EngineError) -> OpenAIError:
+    return OpenAIError(str(err), type="server_error", status=500)
 
 
 # ---------------------------------------------------------------------- requests
@@ -161,7 +179,7 @@ def check_size(body: Any, limit: int) -> None:
     except (TypeError, ValueError, RecursionError):
         raise OpenAIError("the request body must be plain JSON (objects, arrays, strings, numbers, booleans, null)") from None
     if size > limit:
-        raise OpenAIError(f"the request is {size} bytes; at most {limit} (MAX_INPUT_BYTES)")
+        raise OpenAIError(f"the request is {size} bytes; at most {limit} (MAX_INPUT_BYTES)", code="request_too_large", status=413)
 
 
 # ---------------------------------------------------------------------- prompts and settings
@@ -214,7 +232,10 @@ def adapter_for(worker: Worker, model: str | None) -> str | None:
         worker.adapters.choose(model)
     except InputError:
         raise OpenAIError(
-            f"The model {model!r} does not exist; available: {', '.join(model_names(worker))}", "model", "model_not_found"
+            f"The model {model!r} does not exist; available: {', '.join(model_names(worker))}",
+            "model",
+            "model_not_found",
+            status=404,
         ) from None
     return model
 
@@ -355,6 +376,28 @@ class Response:
         options = self.prepared.body.stream_options
         return bool(options and options.include_usage)
 
+    @property
+    def streaming(self) -> bool:
+        return self.prepared.body.stream
+
+    async def whole_answer(self) -> dict[str, Any]:
+        """The response object; raises ``EngineError`` when the engine fails the request."""
+        completions: dict[int, Completion] = {}
+        async for index, event in self.worker.events(self.prepared.requests):
+            if isinstance(event, Completion):
+                completions[index] = event
+        return self.whole([completions[index] for index in range(len(completions))])
+
+    async def sse(self) -> AsyncIterator[str]:
+        """The stream's server-sent events, ``data: [DONE]`` last; a failure in the engine is one
+        more event, OpenAI's error object, before it."""
+        try:
+            async for line in self.stream():
+                yield line
+        except EngineError as err:
+            yield sse(server_error(err).body)
+        yield sse("[DONE]")
+
     async def stream(self) -> AsyncIterator[str]:
         requests = self.prepared.requests
         sent = [0] * len(requests)  # logprobs already streamed, per choice
@@ -407,14 +450,21 @@ def models(worker: Worker) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the door
+def open_request(worker: Worker, route: str, body: Any) -> Response:
+    """A chat or completions request body, checked and turned into its ``Response``; raises ``OpenAIError``."""
+    if worker.load_error:
+        raise unavailable(worker.load_error)
+    check_size(body, worker.limits.max_input_bytes)
+    return Response(worker, route, prepare(worker, route, body))
+
+
 async def handle(worker: Worker, job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     """A gateway job's outputs: the response object, or the stream's SSE lines; errors in
     OpenAI's error shape (an error after a stream began is one more ``data:`` line)."""
     route = job.get("openai_route")
-    streaming = False
     try:
         if worker.load_error:
-            raise OpenAIError(worker.load_error, type="server_error", code="worker_unavailable")
+            raise unavailable(worker.load_error)
         if route == MODELS:
             yield models(worker)
             return
@@ -423,26 +473,17 @@ async def handle(worker: Worker, job: dict[str, Any]) -> AsyncIterator[dict[str,
                 f"openai_route: unknown route {route!r}; this worker serves {CHAT}, {COMPLETIONS} and {MODELS}",
                 "openai_route",
                 "unknown_route",
+                status=404,
             )
-        body = job.get("openai_input")
-        check_size(body, worker.limits.max_input_bytes)
-        prepared = prepare(worker, route, body)
-        response = Response(worker, route, prepared)
-        if not prepared.body.stream:
-            completions: dict[int, Completion] = {}
-            async for index, event in worker.events(prepared.requests):
-                if isinstance(event, Completion):
-                    completions[index] = event
-            yield response.whole([completions[index] for index in range(len(completions))])
-            return
-        streaming = True
-        async for line in response.stream():
+        response = open_request(worker, route, job.get("openai_input"))
+    except OpenAIError as err:
+        yield err.body
+        return
+    if response.streaming:
+        async for line in response.sse():
             yield line
-        yield sse("[DONE]")
-    except (OpenAIError, EngineError) as err:
-        body = err.body if isinstance(err, OpenAIError) else OpenAIError(str(err), type="server_error").body
-        if streaming:
-            yield sse(body)
-            yield sse("[DONE]")
-        else:
-            yield body
+        return
+    try:
+        yield await response.whole_answer()
+    except EngineError as err:
+        yield server_error(err).body

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 
-from llm_worker import openai_api
 from llm_worker.adapters import AdapterError, AdapterManager
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
 from llm_worker.loading import LoadedModel, load_model
@@ -24,6 +24,19 @@ from llm_worker.settings import Settings, SettingsError
 from model_cache import ModelSourceError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """How one engine request went, for whoever watches the worker (metrics, logs)."""
+
+    outcome: Literal["finished", "failed", "cancelled"]
+    finish_reason: str | None  # eos | stop | length | time_limit, when finished
+    prompt_tokens: int
+    completion_tokens: int  # tokens of a finished answer; 0 otherwise
+    seconds: float  # from submission to the end
+    first_token_seconds: float | None  # to the first text, when there was some
 
 
 class Worker:
@@ -47,6 +60,7 @@ class Worker:
             max_stop_chars=settings.max_stop_chars,
         )
         self.engine = None
+        self.watchers: list[Callable[[RequestRecord], None]] = []  # told how each engine request went
         if loaded is not None:
             self.context_length = _context_length(loaded)
             try:
@@ -154,24 +168,53 @@ class Worker:
 
     async def events(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Delta | Completion]]:
         """The engine events of several requests as they come, each with its request's index. A
-        failed request raises ``EngineError``; leaving early cancels every request still running."""
+        failed request raises ``EngineError``; leaving early cancels every request still running.
+        Each request's ``RequestRecord`` goes to ``watchers`` when it ends."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Delta | Completion | Failed]] = asyncio.Queue()
         handles = []
+        started = time.monotonic()
+        first_text: dict[int, float] = {}  # seconds from submission, per request
+        ended: dict[int, tuple[Completion | Failed, float]] = {}
         try:
             for index, request in enumerate(requests):
                 sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
                 handles.append(self.engine.submit(request, sink))
-            running = len(requests)
-            while running:
+            while len(ended) < len(requests):
                 index, event = await events.get()
+                if isinstance(event, Delta):
+                    first_text.setdefault(index, time.monotonic() - started)
+                else:
+                    ended[index] = event, time.monotonic() - started
                 if isinstance(event, Failed):
                     raise EngineError(event.error)
-                running -= isinstance(event, Completion)
                 yield index, event
         finally:
             for handle in handles:
                 handle.cancel()
+            if self.watchers:
+                self._report(requests, ended, first_text, time.monotonic() - started)
+
+    def _report(
+        self, requests: Sequence[GenerationRequest], ended: dict[int, tuple[Completion | Failed, float]],
+        first_text: dict[int, float], seconds: float,
+    ) -> None:
+        for index, request in enumerate(requests):
+            end, end_seconds = ended.get(index, (None, seconds))
+            done = isinstance(end, Completion)
+            record = RequestRecord(
+                outcome="finished" if done else "failed" if end else "cancelled",
+                finish_reason=end.finish_reason if done else None,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=end.completion_tokens if done else 0,
+                seconds=end_seconds,
+                first_token_seconds=first_text.get(index),
+            )
+            for watcher in self.watchers:
+                try:
+                    watcher(record)
+                except Exception:  # a watcher's bug must not cost the answer
+                    log.exception("a request watcher failed")
 
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included), for logprobs."""
@@ -203,29 +246,24 @@ class Worker:
         ]
 
     def complete(self, raw: Any) -> dict[str, Any] | str:
-        """Blocking: one job input in, its folded output (or ``{"error": ...}``) out. Inside a
-        running event loop (a notebook cell), it runs on a helper thread with a loop of its own."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(collect(self.handle(raw)))
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, collect(self.handle(raw))).result()
+        """Blocking: one native job input in, its folded output (or ``{"error": ...}``) out."""
+        return blocking(lambda: collect(self.handle(raw)))
 
-    async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any] | str]:
-        """The job's outputs: one result, or with ``stream`` the deltas, the last one carrying
+    async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any]]:
+        """A native job's outputs: one result, or with ``stream`` the deltas, the last one carrying
         ``finish_reason``, ``usage``, ``model`` and ``adapter`` (see ``answers`` for ``n`` > 1 and
-        logprobs). A job with ``openai_route`` goes through the OpenAI door. Errors come out as
-        ``{"error": ...}``."""
-        if isinstance(raw, dict) and "openai_route" in raw:
-            async for chunk in openai_api.handle(self, raw):
-                yield chunk
-            return
+        logprobs). Errors come out as ``{"error": ...}``."""
         try:
             job, request = self.prepare(raw)
         except (InputError, EngineError) as err:
             yield {"error": str(err)}
             return
+        async for chunk in self.outputs(job, request):
+            yield chunk
+
+    async def outputs(self, job: JobInput | ListAdaptersInput, request: GenerationRequest | None) -> AsyncIterator[dict[str, Any]]:
+        """A prepared job's outputs: the adapter listing, or the answers; a failure in the engine
+        is the last output, ``{"error": ...}``."""
         if request is None:
             yield self.adapters.listing()
             return
@@ -311,6 +349,17 @@ def log_settings(settings: Settings) -> None:
 def _context_length(loaded: LoadedModel) -> int:
     config = loaded.model.config
     return getattr(config, "max_position_embeddings", None) or loaded.tokenizer.model_max_length
+
+
+def blocking(make: Callable[[], Awaitable[T]]) -> T:
+    """Run the coroutine ``make()`` to its end from synchronous code. Inside a running event loop
+    (a notebook cell) it runs on a helper thread with a loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 async def collect(chunks: AsyncIterator[dict[str, Any] | str]) -> dict[str, Any] | str:

@@ -34,10 +34,21 @@ class SettingsError(ValueError):
         self.problems = problems
 
 
-class Settings(BaseSettings):
-    """Worker configuration, read from the environment (names are the upper-case field names)."""
+class Environment(BaseSettings):
+    """Variables read from the environment (names are the upper-case field names); ``values``
+    given to the constructor override them. An invalid one raises ``SettingsError``."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise SettingsError([_problem(type(self), item) for item in err.errors(include_url=False)]) from None
+
+
+class Settings(Environment):
+    """Worker configuration: the model, its adapters, the engine and the limits of a job."""
 
     base_model: str | None = Field(
         None, description="Hub id or local folder of a causal LM; unset: the embedded SmolLM2-135M-Instruct."
@@ -95,13 +106,6 @@ class Settings(BaseSettings):
         "INFO", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR; DEBUG adds job progress."
     )
 
-    def __init__(self, **values: Any) -> None:
-        """Read the environment (``values`` override it); raise ``SettingsError`` naming each bad variable."""
-        try:
-            super().__init__(**values)
-        except ValidationError as err:
-            raise SettingsError([_problem(item) for item in err.errors(include_url=False)]) from None
-
     @field_validator("load_4bit")
     @classmethod
     def _one_quantization(cls, value: bool, info: ValidationInfo) -> bool:
@@ -151,18 +155,30 @@ class Settings(BaseSettings):
         return found
 
 
+class ServerSettings(Environment):
+    """The HTTP server's own variables (``python -m llm_worker.server``); the RunPod worker reads none."""
+
+    api_key: SecretStr | None = Field(
+        None, description="Every route but / and /health needs Authorization: Bearer <API_KEY>; never logged."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running requests may finish before they are failed."
+    )
+
+
+SECRETS = ("hf_token", "api_key")
 SPECIAL_VALUES = {"device": "use auto, cpu, cuda or cuda:N"}
 
 
-def _problem(item: dict[str, Any]) -> str:
+def _problem(settings: type[Environment], item: dict[str, Any]) -> str:
     """One validation error as ``NAME=value: what it accepts``."""
     name = str(item["loc"][0]) if item["loc"] else ""
     rule = item["msg"].removeprefix("Value error, ")
-    if name not in Settings.model_fields:
+    if name not in settings.model_fields:
         return rule
-    value = "(hidden)" if name == "hf_token" else repr(item["input"])
+    value = "(hidden)" if name in SECRETS else repr(item["input"])
     if item["type"] != "value_error":  # a type or bound error: say what the variable accepts instead
-        rule = SPECIAL_VALUES.get(name) or _accepted(Settings.model_fields[name])
+        rule = SPECIAL_VALUES.get(name) or _accepted(settings.model_fields[name])
     return f"{name.upper()}={value}: {rule}"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from llm_worker.finetune import LoraTraining, train_lora
 from llm_worker.service import Worker
@@ -20,6 +22,7 @@ from model_cache import prepare_default_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)  # a README code block: language, body
 
 
 def seed_tasks(count: int, skip: int = 0) -> list[dict]:
@@ -153,3 +156,20 @@ def serve_api(**env: str):
     yield base, process.pid
     process.terminate()
     process.wait(timeout=30)
+
+
+def strictly(model: type[BaseModel], data: dict) -> BaseModel:
+    """Parse with the openai type, refusing fields it does not define (its models allow extras)."""
+    parsed = model.model_validate(data)
+
+    def no_extras(value):
+        if isinstance(value, BaseModel):
+            assert not value.model_extra, f"{type(value).__name__} has unknown fields {value.model_extra}"
+            for field in type(value).model_fields:
+                no_extras(getattr(value, field))
+        elif isinstance(value, list):
+            for item in value:
+                no_extras(item)
+
+    no_extras(parsed)
+    return parsed

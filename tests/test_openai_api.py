@@ -1,24 +1,21 @@
 """The OpenAI-compatible door, and native n/logprobs: responses and stream chunks parse into the
 ``openai`` package's own types, streams join to the whole answer, seeds reproduce, logprobs are the
-sampler's distribution, and the ``openai`` client itself works through a gateway-like shim."""
+sampler's distribution, and jobs through the SDK's local server are routed to the door (the ``openai`` client over HTTP: test_server.py)."""
 
 import asyncio
 import json
 import math
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import openai
 import pytest
 import torch
-from conftest import job, post
+from conftest import job, post, strictly
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import BaseModel
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
+from llm_worker import jobs
 from llm_worker.service import Worker, collect
 from llm_worker.settings import Settings
 
@@ -47,7 +44,7 @@ def served(random_adapter):
 
 
 def call(worker, route, **body):
-    return worker.complete({"openai_route": route, "openai_input": body})
+    return jobs.complete(worker, {"openai_route": route, "openai_input": body})
 
 
 def chat(worker, content=FRANCE, **body):
@@ -59,23 +56,6 @@ def events(sse: str) -> list[dict]:
     lines = [block.removeprefix("data: ") for block in sse.split("\n\n") if block]
     assert lines[-1] == "[DONE]" and all(block.startswith("data: ") for block in sse.split("\n\n") if block)
     return [json.loads(line) for line in lines[:-1]]
-
-
-def strictly(model: type[BaseModel], data: dict) -> BaseModel:
-    """Parse with the openai type, refusing fields it does not define (its models allow extras)."""
-    parsed = model.model_validate(data)
-
-    def no_extras(value):
-        if isinstance(value, BaseModel):
-            assert not value.model_extra, f"{type(value).__name__} has unknown fields {value.model_extra}"
-            for field in type(value).model_fields:
-                no_extras(getattr(value, field))
-        elif isinstance(value, list):
-            for item in value:
-                no_extras(item)
-
-    no_extras(parsed)
-    return parsed
 
 
 def test_chat_answer_and_its_stream_parse_and_agree(served):
@@ -240,74 +220,6 @@ def test_chat_template_setting_and_the_alpaca_fallback(started):
     worker.settings = Settings(dtype="float32")
     error = chat(worker)["error"]
     assert error["param"] == "messages" and "CHAT_TEMPLATE" in error["message"]
-
-
-class Gateway(BaseHTTPRequestHandler):
-    """Forwards ``/openai/v1/...`` to the worker as RunPod's gateway does: a job with
-    ``openai_route`` and ``openai_input``; streams are written as their SSE lines arrive."""
-
-    worker: Worker
-
-    def do_GET(self):
-        self.forward(None)
-
-    def do_POST(self):
-        self.forward(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-
-    def forward(self, body):
-        job = {"openai_route": self.path.removeprefix("/openai"), "openai_input": body}
-        asyncio.run(self.relay(self.worker.handle(job)))
-
-    async def relay(self, chunks):
-        async for chunk in chunks:
-            if isinstance(chunk, dict):
-                status = 200 if "error" not in chunk else 404 if chunk["error"]["code"] == "model_not_found" else 400
-                data = json.dumps(chunk).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            if not self.headers_sent:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                self.headers_sent = True
-            self.wfile.write(chunk.encode())
-            self.wfile.flush()
-
-    headers_sent = False
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def gateway(served):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Shim", (Gateway,), {"worker": served}))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield openai.OpenAI(api_key="local", base_url=f"http://127.0.0.1:{server.server_address[1]}/openai/v1", max_retries=0)
-    server.shutdown()
-    server.server_close()
-
-
-def test_the_openai_client_gets_answers_streams_and_errors(served, gateway):
-    messages = [{"role": "user", "content": FRANCE}]
-    answer = gateway.chat.completions.create(model=served.loaded.name, messages=messages, max_tokens=16, temperature=0)
-    assert "Paris" in answer.choices[0].message.content
-    stream = gateway.chat.completions.create(model=served.loaded.name, messages=messages, max_tokens=16, temperature=0, stream=True)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer.choices[0].message.content
-    text = gateway.completions.create(model="pirate", prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert text.choices[0].finish_reason in ("stop", "length") and text.model == "pirate"
-    assert [m.id for m in gateway.models.list()] == [served.loaded.name, "pirate"]
-    with pytest.raises(openai.BadRequestError) as refused:
-        gateway.chat.completions.create(model=served.loaded.name, messages=messages, frequency_penalty=1.0)
-    assert refused.value.param == "frequency_penalty" and "frequency_penalty" in refused.value.message
-    with pytest.raises(openai.NotFoundError) as missing:
-        gateway.chat.completions.create(model="nobody", messages=messages)
-    assert missing.value.code == "model_not_found"
 
 
 def test_handler_routes_openai_jobs(api_server):

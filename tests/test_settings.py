@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, free_port, job, post
 
 from llm_worker.service import Worker
-from llm_worker.settings import Settings, SettingsError
+from llm_worker.settings import ServerSettings, Settings, SettingsError
 
 FRANCE = job("What is the capital of France?", max_new_tokens=8)
 
@@ -274,3 +274,17 @@ def test_log_level_sets_the_workers_own_lines_and_keeps_libraries_at_info(level,
         assert line in done.stderr
     for text in hidden:
         assert text not in done.stderr
+
+
+def test_the_servers_settings_hide_the_key_and_say_what_they_accept(environ):
+    environ(API_KEY="sk-secret-value", SHUTDOWN_GRACE_SECONDS="12.5")
+    config = ServerSettings()
+    assert config.api_key.get_secret_value() == "sk-secret-value" and "sk-secret-value" not in repr(config)
+    assert config.shutdown_grace_seconds == 12.5
+    environ(SHUTDOWN_GRACE_SECONDS="soon")
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings()
+    assert str(caught.value) == "SHUTDOWN_GRACE_SECONDS='soon': use a number of at least 0"
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings(api_key=12345678, shutdown_grace_seconds=1)
+    assert str(caught.value) == "API_KEY=(hidden): use text"

@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_SERVER_ARGS, ROOT, post
+from conftest import API_SERVER_ARGS, FENCE, ROOT, post
 
 README = ROOT / "README.md"
 LOCAL = "http://localhost:8000"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def section(title: str) -> str:
