@@ -37,10 +37,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
+from llguidance import LLMatcher
 
 from llm_worker.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
 from llm_worker.attention import check_model
 from llm_worker.beam_search import beam_search
+from llm_worker.constraints import Grammar, MaskComputer
 from llm_worker.kv_cache import (
     BLOCK_SIZE,
     SCRATCH_BLOCK,
@@ -76,6 +78,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     adapter: str | None = None
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+    grammar: Grammar | None = None  # the answer must follow it (a compiled json_schema, regex or choice)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
     finish_reason: str | None = None
+    matcher: LLMatcher | None = None  # where the answer stands in its grammar, when it has one
 
     @property
     def position(self) -> int:
@@ -214,6 +218,7 @@ class Engine:
             self.pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
         )
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
+        self.masks = MaskComputer(vocab, self.device)
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
         self._ids = itertools.count(1)
         self._last_progress = time.monotonic()
@@ -287,7 +292,10 @@ class Engine:
             seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
         )
         slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
-        seq = Sequence(next(self._ids), request, sink, handle, time.monotonic(), slot, params, AnswerText(self.tokenizer, request.stop))
+        grammar = request.grammar
+        text = AnswerText(self.tokenizer, request.stop, may_stop=grammar.accepts if grammar else None)
+        seq = Sequence(next(self._ids), request, sink, handle, time.monotonic(), slot, params, text)
+        seq.matcher = grammar.start() if grammar else None
         with self._submit_lock:
             if self._closed or not self._thread.is_alive():
                 raise EngineError("the generation engine has stopped")
@@ -326,6 +334,7 @@ class Engine:
             self._closed = True
             self._inbox.put(None)
         self._thread.join()
+        self.masks.close()
 
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
@@ -532,12 +541,17 @@ class Engine:
         self._sample_and_accept(seqs, logits, sampling)
 
     def _sampling_inputs(self, seqs: list[Sequence], fresh: bool = False) -> tuple:
+        """What the sampler needs besides the logits, started before the forward: the host-to-device
+        copies go out, and the grammar masks of constrained rows are computed meanwhile."""
         params = self._params_for(seqs, fresh)
         generated = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
-        return params, generated, self._bans(seqs)
+        return params, generated, self._bans(seqs), self.masks.start([s.matcher for s in seqs])
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, sampling: tuple) -> None:
-        params, generated, banned = sampling
+        params, generated, banned, grammar_masks = sampling
+        if grammar_masks is not None:
+            disallowed = self.masks.banned(grammar_masks)
+            banned = disallowed if banned is None else banned | disallowed
         wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
         if not wanted:
             tokens = sample(logits, params, generated, self.eos_mask, banned).tolist()  # the step's one transfer back
@@ -596,6 +610,9 @@ class Engine:
         seq.generated.append(token)
         if token in self.eos_ids:
             self._finish(seq, "eos")
+            return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._fail([seq], f"generation failed: the answer left its grammar ({seq.matcher.get_error().splitlines()[0]})")
             return
         seq.text.add(token)
         if seq.text.stopped:

@@ -37,6 +37,9 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length"}
+CALL_PREFIX = '{"name": '  # how a tool-call answer begins: {"name": "...", "arguments": {...}}
+ARGUMENTS = ', "arguments": '
+
 
 
 class OpenAIError(Exception):
@@ -75,13 +78,91 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    name: str | None = None
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """As chat templates take a message (transformers' convention: a call's arguments as an object)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": _arguments(call)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _arguments(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+
+
+class Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
 
 
 class StreamOptions(_Body):
@@ -101,6 +182,11 @@ class _Request(_Body):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaResponseFormat | None = Field(None, discriminator="type")
+    # vLLM's names for the same constraints (guided decoding)
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     # labels only: accepted, no effect on the answer
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -113,6 +199,9 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # an answer makes one call either way
 
 
 class CompletionRequest(_Request):
@@ -191,14 +280,17 @@ class Prepared:
     model: str
     requests: list[GenerationRequest]
     prompts: int
+    tool_call: bool = False  # each answer is a call of one of the request's tools
 
 
-def chat_prompt(worker: Worker, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | None = None) -> tuple[list[int], tuple[str, ...]]:
     """Token ids of the conversation through the chat template (``CHAT_TEMPLATE``, else the
     model's own), and the stop strings that template implies."""
     tokenizer = worker.loaded.tokenizer
     template = worker.settings.chat_template
     if template in file_templates():
+        if tools or any(m.role == "tool" for m in messages):
+            raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
         if [m.role for m in messages if m.role == "assistant"] or sum(m.role == "user" for m in messages) != 1:
             raise OpenAIError(
                 f"messages: CHAT_TEMPLATE={template} holds one instruction: send one user message "
@@ -216,9 +308,12 @@ def chat_prompt(worker: Worker, messages: list[Message]) -> tuple[list[int], tup
             "messages",
             "no_chat_template",
         )
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    conversation = [m.for_template() for m in messages]
+    functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
     try:
-        text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
     except TemplateError as err:
         raise OpenAIError(f"messages: the chat template refused them: {err}", "messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"], ()
@@ -240,12 +335,75 @@ def adapter_for(worker: Worker, model: str | None) -> str | None:
     return model
 
 
+def tool_call_schema(tools: list[Tool]) -> dict[str, Any]:
+    """An answer that is a call of one of ``tools``: ``{"name": ..., "arguments": {...}}``, the
+    arguments valid against that tool's parameters."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": tool.function.name},
+                "arguments": tool.function.parameters or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "arguments"],
+        }
+        for tool in tools
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def constraint(request: _Request) -> tuple[str, str, Any] | None:
+    """The request's constraint as (native field, the parameter that asked for it, value)."""
+    found = []
+    format_ = request.response_format
+    if isinstance(format_, JsonObjectFormat):
+        found.append(("json_schema", "response_format", {"type": "object"}))
+    elif isinstance(format_, JsonSchemaResponseFormat):
+        found.append(("json_schema", "response_format", format_.json_schema.schema_ or {"type": "object"}))
+    for field, param in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
+        if getattr(request, param) is not None:
+            found.append((field, param, getattr(request, param)))
+    if isinstance(request, ChatRequest):
+        tools = called_tools(request)
+        if tools:
+            found.append(("json_schema", "tools", tool_call_schema(tools)))
+    if len(found) > 1:
+        names = " and ".join(param for _, param, _ in found)
+        raise OpenAIError(f"{names}: at most one of them may constrain the answer", found[1][1])
+    return found[0] if found else None
+
+
+def called_tools(request: ChatRequest) -> list[Tool]:
+    """The tools an answer must call: all with tool_choice "required", the named one, none with "none"."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise OpenAIError("tool_choice: needs tools", "tool_choice")
+        return []
+    if choice is None or choice == "auto":
+        raise OpenAIError(
+            'tool_choice: "auto" (the default when tools are given) is not supported, because this worker '
+            'cannot tell a call from text for every chat template: set tool_choice to "required", to '
+            '{"type": "function", "function": {"name": ...}}, or to "none"',
+            "tool_choice",
+        )
+    if choice == "none":
+        return []
+    if choice == "required":
+        return request.tools
+    named = [tool for tool in request.tools if tool.function.name == choice.function.name]
+    if not named:
+        raise OpenAIError(f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice")
+    return named
+
+
 def prepare(worker: Worker, route: str, body: Any) -> Prepared:
     chat = route == CHAT
     request = parse(ChatRequest if chat else CompletionRequest, body)
     adapter = adapter_for(worker, request.model)
+    constrained = constraint(request)
     if chat:
-        prompts = [chat_prompt(worker, request.messages)]
+        prompts = [chat_prompt(worker, request.messages, request.tools)]
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         )
@@ -269,6 +427,10 @@ def prepare(worker: Worker, route: str, body: Any) -> Prepared:
         if request.temperature > 0:  # temperature 0 is greedy: top_p and seed have no effect, as in OpenAI's API
             generation.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
         params = {"max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model"}
+        if constrained:
+            field, param, value = constrained
+            generation[field] = value
+            params[field] = param
         try:
             config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
             base = worker.request(ids, config, tuple(stop) + template_stop, adapter)
@@ -281,7 +443,8 @@ def prepare(worker: Worker, route: str, body: Any) -> Prepared:
             param = params.get(field.removeprefix("generation_config."), field)
             raise OpenAIError(f"{param}: {rest}", param) from None
         requests += worker.choices(base)
-    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts))
+    tool_call = constrained is not None and constrained[1] == "tools"
+    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), tool_call)
 
 
 def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:
@@ -348,14 +511,36 @@ class Response:
         choices = []
         for index, done in enumerate(completions):
             choice: dict[str, Any] = {"index": index}
-            if self.chat:
+            finish_reason = FINISH_REASONS[done.finish_reason]
+            if self.prepared.tool_call and finish_reason == "stop":
+                call = json.loads(done.text)
+                message = {"role": "assistant", "content": None, "tool_calls": [self.tool_call(index, call["name"], call["arguments"])]}
+                choice["message"], finish_reason = message, "tool_calls"
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": done.text}
             else:
                 choice["text"] = done.text
             choice["logprobs"] = self.logprobs(done.logprobs or [])
-            choice["finish_reason"] = FINISH_REASONS[done.finish_reason]
+            choice["finish_reason"] = finish_reason
             choices.append(choice)
         return self.envelope(choices, usage=self.usage(completions))
+
+    def tool_call(self, index: int, name: str, arguments: Any = None, stream_index: int | None = None) -> dict[str, Any]:
+        """A tool call of choice ``index``; its id is the same in the stream and in the whole answer."""
+        call: dict[str, Any] = {} if stream_index is None else {"index": stream_index}
+        call.update(id=f"call_{self.id.split('-')[-1][:16]}{index}", type="function")
+        call["function"] = {"name": name, "arguments": "" if arguments is None else json.dumps(arguments, ensure_ascii=False)}
+        return call
+
+    def call_chunk(self, index: int, name: str | None, arguments: str) -> str:
+        """A streamed piece of choice ``index``'s tool call: its first names the function, as OpenAI's."""
+        if name is not None:
+            call = self.tool_call(index, name, stream_index=0)
+        else:
+            call = {"index": 0, "function": {"arguments": arguments}}
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        extra = {"usage": None} if self.include_usage else {}
+        return sse(self.envelope([choice], **extra))
 
     def chunk(
         self, index: int, text: str | None, logprobs: Sequence[TokenLogprob], finish_reason: str | None = None, first: bool = False
@@ -367,7 +552,7 @@ class Response:
         else:
             choice["text"] = text or ""
         choice["logprobs"] = None if first else self.logprobs(logprobs)
-        choice["finish_reason"] = finish_reason and FINISH_REASONS[finish_reason]
+        choice["finish_reason"] = finish_reason and FINISH_REASONS.get(finish_reason, finish_reason)
         extra = {"usage": None} if self.include_usage else {}
         return sse(self.envelope([choice], **extra))
 
@@ -402,20 +587,65 @@ class Response:
         requests = self.prepared.requests
         sent = [0] * len(requests)  # logprobs already streamed, per choice
         finished: dict[int, Completion] = {}
+        calls = [CallStream() for _ in requests] if self.prepared.tool_call else None
         if self.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(requests)):
                 yield self.chunk(index, "", (), first=True)
         async for index, event in self.worker.events(requests):
             if isinstance(event, Delta):
-                if event.text or event.logprobs:
+                if calls is not None:
+                    for piece in calls[index].add(event.text):
+                        yield self.call_chunk(index, *piece)
+                elif event.text or event.logprobs:
                     sent[index] += len(event.logprobs)
                     yield self.chunk(index, event.text, event.logprobs)
                 continue
             finished[index] = event
+            if calls is not None:
+                complete = FINISH_REASONS[event.finish_reason] == "stop"
+                for piece in calls[index].end(complete):
+                    yield self.call_chunk(index, *piece)
+                yield self.chunk(index, None, (), "tool_calls" if complete else event.finish_reason)
+                continue
             yield self.chunk(index, None, (event.logprobs or [])[sent[index] :], event.finish_reason)
         if self.include_usage:
             completions = [finished[index] for index in range(len(requests))]
             yield sse(self.envelope([], usage=self.usage(completions)))
+
+
+class CallStream:
+    """Turns a tool-call answer's text, as it streams, into OpenAI's tool-call deltas: the name once
+    it is whole, then the arguments' JSON piece by piece (the answer's last character, the call's
+    closing brace, is held back until the end)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.name: str | None = None
+        self.sent = 0  # characters of the arguments already sent
+
+    def add(self, piece: str) -> list[tuple[str | None, str]]:
+        self.text += piece
+        out = []
+        if self.name is None:
+            head, found, _ = self.text.partition(ARGUMENTS)
+            if not found:
+                return []
+            self.name = json.loads(head.removeprefix(CALL_PREFIX))
+            out.append((self.name, ""))
+        start = self.text.index(ARGUMENTS) + len(ARGUMENTS)
+        arguments = self.text[start:-1]  # the last character may be the call's closing brace
+        if len(arguments) > self.sent:
+            out.append((None, arguments[self.sent :]))
+            self.sent = len(arguments)
+        return out
+
+    def end(self, complete: bool) -> list[tuple[str | None, str]]:
+        """The rest, once the answer is over: a complete call still holds back its closing brace,
+        a cut one sends what it has."""
+        if self.name is None or complete:
+            return []
+        rest = self.text[self.text.index(ARGUMENTS) + len(ARGUMENTS) + self.sent :]
+        return [(None, rest)] if rest else []
 
 
 def _token(text: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class _Strict(BaseModel):
 
 
 DEFAULT_MAX_NEW_TOKENS = 128
+CONSTRAINTS = ("json_schema", "regex", "choice")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class GenerationConfig(_Strict):
     stop: list[Text] = Field(default_factory=list)
     n: int = Field(1, ge=1, le=16)  # answers to the same prompt; with a seed, choice i uses seed + i
     logprobs: int | None = Field(None, ge=0, le=20)  # each token's logprob and this many alternatives
+    # constrained decoding (at most one): the answer follows a JSON schema, a regex, or is one of the choices
+    json_schema: dict[str, Any] | None = None
+    regex: Text | None = Field(None, min_length=1)
+    choice: list[Annotated[Text, Field(min_length=1)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -145,6 +150,31 @@ class GenerationConfig(_Strict):
         if self.logprobs is not None and self.num_beams > 1:
             raise ValueError("logprobs are not available with num_beams > 1 (beam search scores beams, not tokens)")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationConfig:
+        given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are exclusive: give at most one constraint")
+        if given:
+            clashes = {
+                "num_beams": self.num_beams > 1,
+                "min_new_tokens": self.min_new_tokens > 0,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size > 0,
+            }
+            for name, clash in clashes.items():
+                if clash:
+                    raise ValueError(
+                        f"{name} cannot be combined with {given[0]} (it could forbid every token the constraint allows)"
+                        if name != "num_beams"
+                        else f"num_beams > 1 cannot be combined with {given[0]}: beam search is not constrained"
+                    )
+        return self
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """The constraint's field name and value, if the job has one."""
+        return next(((name, getattr(self, name)) for name in CONSTRAINTS if getattr(self, name) is not None), None)
 
     @property
     def sampling(self) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from llm_worker.adapters import AdapterError, AdapterManager
+from llm_worker.constraints import Grammar, Grammars
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
@@ -65,6 +66,7 @@ class Worker:
             self.context_length = _context_length(loaded)
             try:
                 self.engine = self._start_engine(loaded)
+                self.grammars = Grammars(loaded.tokenizer, self.engine.vocab, self.engine.eos_ids)
             except Exception as err:
                 log.exception("the engine failed to start")
                 self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"
@@ -127,8 +129,11 @@ class Worker:
         config = job.generation_config
         return self.request(ids, config, tuple(config.stop) + prompt.stop, job.adapter)
 
-    def request(self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None) -> GenerationRequest:
-        """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job names it."""
+    def request(
+        self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None, grammar: Grammar | None = None
+    ) -> GenerationRequest:
+        """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job
+        names it. The config's constraint is compiled (cached) unless ``grammar`` is given."""
         room = min(self.settings.max_input_tokens, self.context_length - config.max_new_tokens)
         if len(ids) > room:
             raise InputError(
@@ -146,7 +151,9 @@ class Worker:
         chosen = self.adapters.choose(adapter)
         if chosen == self.adapters.merged:
             chosen = None  # already in the weights
-        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs)
+        if grammar is None and config.constraint is not None:
+            grammar = self.grammars.compile(*config.constraint)
+        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs, grammar=grammar)
 
     def prepare(self, raw: Any) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
         """Validate a job input; a generation job also gets its engine request."""

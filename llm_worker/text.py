@@ -9,10 +9,14 @@ bounded by the window, not by the answer's length; the answer is the concatenati
 so streamed deltas join exactly to the final text.
 
 Streaming rules: leading and trailing whitespace are not part of the answer; a tail that could
-still grow into a stop string is held back; nothing at or past a stop string is ever sent.
+still grow into a stop string is held back; nothing at or past a stop string is ever sent. An
+answer under a constraint ends at a stop string only where the text before it satisfies the
+constraint (``may_stop``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from tokenizers.decoders import DecodeStream
 
@@ -22,8 +26,15 @@ REPLACEMENT = "\ufffd"
 class AnswerText:
     """The text of one answer as its tokens arrive."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = (), use_decode_stream: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        stops: tuple[str, ...] = (),
+        use_decode_stream: bool = True,
+        may_stop: Callable[[str], bool] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.may_stop = may_stop
         backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
         self._stream = DecodeStream(skip_special_tokens=True) if use_decode_stream and backend is not None else None
         self.stops = stops
@@ -47,7 +58,7 @@ class AnswerText:
         if self.stops:
             start = max(0, before - self.longest_stop + 1)
             found = [at for at in (self.text.find(stop, start) for stop in self.stops) if at >= 0]
-            if found:
+            if found and (self.may_stop is None or self.may_stop(self.text[: min(found)])):
                 self.text = self.text[: min(found)]
                 self.stopped = True
 

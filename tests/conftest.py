@@ -9,9 +9,11 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uvicorn
 from pydantic import BaseModel
 
 from llm_worker.finetune import LoraTraining, train_lora
@@ -173,3 +175,21 @@ def strictly(model: type[BaseModel], data: dict) -> BaseModel:
 
     no_extras(parsed)
     return parsed
+
+
+@contextmanager
+def running(app):
+    """``app`` served by uvicorn on a loopback port, in this process; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llm_worker"
-ENGINE = {"engine", "scheduler", "kv_cache", "runner", "sampling", "text", "beam_search", "attention"}
+ENGINE = {"engine", "scheduler", "kv_cache", "runner", "sampling", "text", "beam_search", "attention", "constraints"}
 DOORS = {"jobs", "server"}  # the RunPod job door, the HTTP door
 SHAPING = {"openai_api"}  # OpenAI's objects, shared by the doors
 ABOVE_WORKER = DOORS | SHAPING | {"metrics"}

@@ -14,13 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import FENCE, ROOT, free_port, job, seed_tasks, strictly
+from conftest import FENCE, ROOT, free_port, job, running, seed_tasks, strictly
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -62,24 +60,6 @@ class Served:
         while self.metric(name, **labels) != value:
             assert time.monotonic() < deadline, f"{name} stayed at {self.metric(name, **labels)}, expected {value}"
             time.sleep(0.05)
-
-
-@contextmanager
-def running(app):
-    """``app`` served by uvicorn on a loopback port, in this process; yields its URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
