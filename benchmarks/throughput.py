@@ -3,6 +3,7 @@
     python -m benchmarks.throughput [--shape llama-7b|tiny] [--requests 96] [--sequential-requests 16]
                                     [--max-new-tokens 128] [--concurrency 1 8 32 128]
                                     [--adapters 4] [--adapter-concurrency 32] [--peer | --no-peer]
+                                    [--structured | --no-structured]
 
 Without --shape it serves the configured model (the embedded SmolLM2-135M by default) on the
 worker's device. With --shape it builds a LLaMA-shaped model with random weights on the device
@@ -12,7 +13,8 @@ process: on the CPU in fp32, its requests alternating with the engine's c=1 requ
 CPU's speed drifts over minutes); on a GPU in the worker's dtype, first, so that its memory is
 free before the worker sizes its KV cache. --peer adds transformers'
 ``generate_batch`` on the largest run's prompts (default: on with CUDA). The mixed-adapter run
-spreads the workload over --adapters random LoRA adapters (0: skip it).
+spreads the workload over --adapters random LoRA adapters (0: skip it). The structured run (on by
+default) gives every other job a JSON schema, at --adapter-concurrency, against the free run there.
 
 Prints a line as each phase ends, then a table, then (last line) one JSON object with the figures.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from llm_worker.benchmark import (
+    ANSWER_SCHEMA,
     alpaca_workload,
     build_random_llama,
     format_table,
@@ -41,6 +44,7 @@ from llm_worker.benchmark import (
     run_seed_baseline,
     run_transformers_batch,
 )
+from llm_worker.constraints import Grammars
 from llm_worker.loading import weight_bytes
 from llm_worker.settings import Settings
 from model_cache import prepare_default_model, resolve_base_model
@@ -62,6 +66,10 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, help="LoRA adapters in the mixed run (0: skip it; default 4, 0 with --shape)")
     parser.add_argument("--adapter-concurrency", type=int, default=32)
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None, help="run generate_batch too")
+    parser.add_argument(
+        "--structured", action=argparse.BooleanOptionalAction, default=True,
+        help="a run at --adapter-concurrency where every other job answers in JSON under a schema",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("llm_worker").setLevel(logging.INFO)  # load time, KV capacity, graph capture
@@ -138,6 +146,23 @@ def main() -> None:
         mixed = asyncio.run(run_handler(handler.handler, mixed_jobs, c, f"{len(adapter_names)} LoRA adapters mixed"))
         runs.append(mixed)
         say(f"{mixed.label}: {mixed.tok_s:.1f} tok/s")
+    if args.structured:
+        c = args.adapter_concurrency
+        free = next((run for run in runs if run.concurrency == c and "adapters" not in run.label), None) or asyncio.run(
+            run_handler(handler.handler, alpaca_workload(args.requests, args.max_new_tokens), c, f"engine {worker.loaded.dtype}")
+        )
+        jobs = alpaca_workload(args.requests, args.max_new_tokens, json_schema=ANSWER_SCHEMA)
+        structured = asyncio.run(run_handler(handler.handler, jobs, c, "half the jobs under a JSON schema"))
+        runs.append(structured)
+        fresh = Grammars(worker.loaded.tokenizer, engine.vocab, engine.eos_ids)
+        tokenizer_started = time.perf_counter()
+        fresh.tokenizer
+        compile_started = time.perf_counter()
+        fresh.compile("json_schema", ANSWER_SCHEMA)
+        compile_ms = (time.perf_counter() - compile_started) * 1000
+        tokenizer_ms = (compile_started - tokenizer_started) * 1000
+        say(f"{structured.label}: {structured.tok_s:.1f} tok/s ({structured.tok_s / free.tok_s:.2f}x the free run's "
+            f"{free.tok_s:.1f}); the schema compiles in {compile_ms:.1f} ms (llguidance's tokenizer, once: {tokenizer_ms:.0f} ms)")
     bandwidth = memory_bandwidth_gb_s(device)
     weights = weight_bytes(worker.loaded.model)
     ceiling_rows = max(args.concurrency)
@@ -174,6 +199,11 @@ def main() -> None:
     if adapter_names:
         figures[f"engine_tok_s_c{mixed.concurrency}_adapters{len(adapter_names)}"] = round(mixed.tok_s, 1)
         figures["ratio_adapters_vs_base"] = round(mixed.tok_s / base.tok_s, 2)
+    if args.structured:
+        figures[f"engine_tok_s_c{structured.concurrency}_half_json"] = round(structured.tok_s, 1)
+        figures["ratio_half_json_vs_free"] = round(structured.tok_s / free.tok_s, 2)
+        figures["json_schema_compile_ms"] = round(compile_ms, 2)
+        figures["llguidance_tokenizer_ms"] = round(tokenizer_ms, 1)
     print(
         f"\nc=1 reads the weights at {figures.get('bandwidth_gb_s_c1', 'n/a')} GB/s "
         f"of {figures['memory_bandwidth_gb_s']} GB/s measured ({weights / 1e6:.0f} MB of weights per token)"

@@ -68,10 +68,12 @@ def alpaca_workload(
     path: Path = SEED_TASKS,
     adapters: list[str | None] | None = None,
     fixed_length: bool = False,
+    json_schema: dict | None = None,
 ) -> list[dict]:
     """Job inputs from the Alpaca seed tasks (alpaca template, greedy), cycled to ``count``. With
     ``adapters``, request i asks for ``adapters[i % len(adapters)]``; with ``fixed_length``, every
-    answer is exactly ``max_new_tokens`` long (``min_new_tokens``: random weights rarely end)."""
+    answer is exactly ``max_new_tokens`` long (``min_new_tokens``: random weights rarely end); with
+    ``json_schema``, every other request answers in JSON that follows it."""
     tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     jobs = []
     for i in range(count):
@@ -87,8 +89,23 @@ def alpaca_workload(
         }
         if adapters and adapters[i % len(adapters)] is not None:
             job["adapter"] = adapters[i % len(adapters)]
+        if json_schema is not None and i % 2 == 0:
+            generation["json_schema"] = json_schema
         jobs.append(job)
     return jobs
+
+
+# The structured-output run's schema: an answer with a few typed fields, as an application asks.
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string"},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 5},
+        "category": {"enum": ["fact", "advice", "creative", "code", "other"]},
+    },
+    "required": ["answer", "confidence", "keywords", "category"],
+}
 
 
 def in_child_process(function: Callable, *args):
