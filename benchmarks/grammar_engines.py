@@ -139,9 +139,9 @@ class OutlinesCore:
 
         self.lib = outlines_core
         tokens: dict[str, list[int]] = {}
-        for text, token_id in tokenizer.get_vocab().items():
-            if token_id != tokenizer.eos_token_id:
-                tokens.setdefault(text, []).append(token_id)
+        for token, token_id in tokenizer.get_vocab().items():
+            if token_id != tokenizer.eos_token_id:  # the vocabulary takes each token as the text it stands for
+                tokens.setdefault(tokenizer.convert_tokens_to_string([token]), []).append(token_id)
         self.vocabulary = outlines_core.Vocabulary(tokenizer.eos_token_id, tokens)
 
     def compile(self, schema: dict):

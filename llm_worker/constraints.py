@@ -61,22 +61,30 @@ class Grammar:
 
 class Grammars:
     """Compiles constraints for one model's tokenizer, with a cache: the same constraint twice
-    compiles once. The llguidance tokenizer (about 0.4 s) is built at the first constraint."""
+    compiles once. The llguidance tokenizer (about 0.4 s here) is built once, by ``warm_up`` or at
+    the first constraint."""
 
     def __init__(self, tokenizer, vocab: int, eos_ids: list[int]) -> None:
         self._hf_tokenizer = tokenizer
         self.vocab = vocab
         self.eos_ids = eos_ids
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()
         self.compiled = 0  # compilations done (cache misses)
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab, eos_token=self.eos_ids)
-        return self._tokenizer
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab, eos_token=self.eos_ids)
+            return self._tokenizer
+
+    def warm_up(self) -> None:
+        """Build the llguidance tokenizer on a helper thread, so that the first constrained request
+        does not wait for it."""
+        threading.Thread(target=lambda: self.tokenizer, name="grammar-tokenizer", daemon=True).start()
 
     def compile(self, field: str, spec: Any) -> Grammar:
         """``field``: json_schema (a schema object), regex (a string) or choice (a list of strings).

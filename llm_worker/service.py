@@ -67,6 +67,7 @@ class Worker:
             try:
                 self.engine = self._start_engine(loaded)
                 self.grammars = Grammars(loaded.tokenizer, self.engine.vocab, self.engine.eos_ids)
+                self.grammars.warm_up()
             except Exception as err:
                 log.exception("the engine failed to start")
                 self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"

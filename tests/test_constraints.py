@@ -6,6 +6,10 @@ the OpenAI door's response_format and tool calls through the openai client."""
 import asyncio
 import json
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import jsonschema
 import llguidance
@@ -13,7 +17,7 @@ import llguidance.torch
 import openai
 import pytest
 import torch
-from conftest import job, running
+from conftest import FENCE, ROOT, job, running
 from openai.types.chat import ChatCompletion
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -271,9 +275,33 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def client(fp32_worker):
+def server_url(fp32_worker):
     with running(create_app(fp32_worker, ServerSettings())) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    """The README's structured-output section: each command with the output shown after it."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Structured output")
+    blocks = FENCE.findall(text[start : text.index("\n## ", start + 1)])
+    assert [lang for lang, _ in blocks] == ["bash", "json"] * 4
+    return [(blocks[i][1], blocks[i + 1][1]) for i in range(0, len(blocks), 2)]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's commands use curl")
+@pytest.mark.parametrize("index", range(4))
+def test_the_readmes_examples_print_what_it_shows(server_url, index):
+    command, shown = readme_examples()[index]
+    script = command.replace("http://localhost:8000", server_url).replace(".venv/bin/python", shlex.quote(sys.executable))
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == json.loads(shown)
 
 
 def test_response_format_through_the_openai_client(client):
