@@ -3,7 +3,7 @@
     python -m benchmarks.throughput [--shape llama-7b|tiny] [--requests 96] [--sequential-requests 16]
                                     [--max-new-tokens 128] [--concurrency 1 8 32 128]
                                     [--adapters 4] [--adapter-concurrency 32] [--peer | --no-peer]
-                                    [--structured | --no-structured]
+                                    [--structured | --no-structured] [--prefix | --no-prefix]
 
 Without --shape it serves the configured model (the embedded SmolLM2-135M by default) on the
 worker's device. With --shape it builds a LLaMA-shaped model with random weights on the device
@@ -15,6 +15,8 @@ free before the worker sizes its KV cache. --peer adds transformers'
 ``generate_batch`` on the largest run's prompts (default: on with CUDA). The mixed-adapter run
 spreads the workload over --adapters random LoRA adapters (0: skip it). The structured run (on by
 default) gives every other job a JSON schema, at --adapter-concurrency, against the free run there.
+The prefix runs (on by default), at --adapter-concurrency too, serve distinct questions after one
+shared ~500-token system prompt, then the Alpaca workload, first with the prefix cache off, then on.
 
 Prints a line as each phase ends, then a table, then (last line) one JSON object with the figures.
 """
@@ -33,6 +35,7 @@ import torch
 from llm_worker.benchmark import (
     ANSWER_SCHEMA,
     alpaca_workload,
+    shared_prompt_workload,
     build_random_llama,
     format_table,
     make_random_adapters,
@@ -69,6 +72,10 @@ def main() -> None:
     parser.add_argument(
         "--structured", action=argparse.BooleanOptionalAction, default=True,
         help="a run at --adapter-concurrency where every other job answers in JSON under a schema",
+    )
+    parser.add_argument(
+        "--prefix", action=argparse.BooleanOptionalAction, default=True,
+        help="a shared ~500-token system prompt before distinct questions, and the Alpaca workload, with the prefix cache on and off",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -163,6 +170,19 @@ def main() -> None:
         tokenizer_ms = (compile_started - tokenizer_started) * 1000
         say(f"{structured.label}: {structured.tok_s:.1f} tok/s ({structured.tok_s / free.tok_s:.2f}x the free run's "
             f"{free.tok_s:.1f}); the schema compiles in {compile_ms:.1f} ms (llguidance's tokenizer, once: {tokenizer_ms:.0f} ms)")
+    prefix_runs = {}
+    if args.prefix:
+        c = args.adapter_concurrency
+        shared = shared_prompt_workload(max(args.requests, 2 * c), 32, 500, worker.loaded.tokenizer)
+        alpaca = alpaca_workload(max(args.requests, 2 * c), args.max_new_tokens, fixed_length=fixed_length)
+        for cache in (False, True):  # the same process, the engine's switch turned; off first, so "on" starts cold
+            engine.prefix_caching = cache
+            for name, jobs in (("shared system prompt", shared), ("alpaca", alpaca)):
+                label = f"{name}, prefix cache {'on' if cache else 'off'}"
+                prefix_runs[name, cache] = run = asyncio.run(run_handler(handler.handler, jobs, c, label))
+                runs.append(run)
+                say(f"{label}: {run.tok_s:.1f} tok/s, p50 TTFT {run.row()['p50_ttft_s']} s, p95 {run.row()['p95_ttft_s']} s")
+        engine.prefix_caching = worker.settings.enable_prefix_cache
     bandwidth = memory_bandwidth_gb_s(device)
     weights = weight_bytes(worker.loaded.model)
     ceiling_rows = max(args.concurrency)
@@ -199,6 +219,16 @@ def main() -> None:
     if adapter_names:
         figures[f"engine_tok_s_c{mixed.concurrency}_adapters{len(adapter_names)}"] = round(mixed.tok_s, 1)
         figures["ratio_adapters_vs_base"] = round(mixed.tok_s / base.tok_s, 2)
+    for (name, cache), run in prefix_runs.items():
+        key = f"{'shared_prompt' if name.startswith('shared') else 'alpaca'}_cache_{'on' if cache else 'off'}"
+        figures[f"{key}_tok_s"] = round(run.tok_s, 1)
+        figures[f"{key}_p50_ttft_s"] = run.row()["p50_ttft_s"]
+        figures[f"{key}_p95_ttft_s"] = run.row()["p95_ttft_s"]
+    for name in ("shared system prompt", "alpaca") if prefix_runs else ():
+        on, off = prefix_runs[name, True], prefix_runs[name, False]
+        key = "shared_prompt" if name.startswith("shared") else "alpaca"
+        figures[f"{key}_cache_ttft_p50_gain"] = round(off.row()["p50_ttft_s"] / max(on.row()["p50_ttft_s"], 1e-9), 2)
+        figures[f"{key}_cache_throughput_gain"] = round(on.tok_s / off.tok_s, 2)
     if args.structured:
         figures[f"engine_tok_s_c{structured.concurrency}_half_json"] = round(structured.tok_s, 1)
         figures["ratio_half_json_vs_free"] = round(structured.tok_s / free.tok_s, 2)

@@ -95,6 +95,27 @@ def alpaca_workload(
     return jobs
 
 
+def shared_prompt_workload(count: int, max_new_tokens: int, system_tokens: int, tokenizer, path: Path = SEED_TASKS) -> list[dict]:
+    """``count`` distinct short questions (Alpaca seed tasks) after one shared system prompt of
+    about ``system_tokens`` tokens (the seed tasks' instructions, as house rules), greedy, streamed."""
+    tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rules, words = [], 0
+    for task in tasks:
+        rules.append(f"- {task['instruction']}")
+        words = len(tokenizer("\n".join(rules))["input_ids"])
+        if words >= system_tokens:
+            break
+    system = "You are the help desk of a large library. Follow these house rules:\n" + "\n".join(rules)
+    return [
+        {
+            "prompt_config": {"instruction": f"{system}\n\nQuestion: {tasks[-1 - i % len(tasks)]['instruction']}", "stop_at_section": False},
+            "generation_config": {"max_new_tokens": max_new_tokens},
+            "stream": True,
+        }
+        for i in range(count)
+    ]
+
+
 # The structured-output run's schema: an answer with a few typed fields, as an application asks.
 ANSWER_SCHEMA = {
     "type": "object",

@@ -47,6 +47,7 @@ from llm_worker.kv_cache import (
     BLOCK_SIZE,
     SCRATCH_BLOCK,
     BlockAllocator,
+    prefix_hashes,
     KVPool,
     KVShape,
     blocks_for,
@@ -98,6 +99,7 @@ class Completion:
     completion_tokens: int
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,9 @@ class EngineStats:
 
     running: int  # holding KV: decoding, or their prompt being prefilled
     waiting: int  # submitted, not yet admitted
-    kv_blocks_used: int
+    kv_blocks_used: int  # referenced by a request
     kv_blocks_total: int
+    kv_blocks_cached: int  # holding a cached prefix nobody uses now (free room too)
 
 
 class EngineError(RuntimeError):
@@ -173,6 +176,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
+    prefix_caching: bool = True  # share the KV of prompt blocks already computed
 
 
 class Engine:
@@ -213,12 +217,15 @@ class Engine:
         self.runner = StepRunner(model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs)
         self.runner.capture_at_start()
         log.info(
-            "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d",
+            "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d; "
+            "prefix caching %s",
             self.pool.capacity_tokens, self.pool.nbytes / 2**30, blocks - 1, BLOCK_SIZE,
             self.pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
+            "on" if config.prefix_caching else "off (ENABLE_PREFIX_CACHE=0)",
         )
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
         self.masks = MaskComputer(vocab, self.device)
+        self.prefix_caching = config.prefix_caching  # read at each submission (a benchmark turns it off and on)
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
         self._ids = itertools.count(1)
         self._last_progress = time.monotonic()
@@ -268,6 +275,7 @@ class Engine:
             waiting=len(scheduler.waiting) + self._inbox.qsize(),
             kv_blocks_used=total - scheduler.allocator.free,
             kv_blocks_total=total,
+            kv_blocks_cached=scheduler.allocator.cached,
         )
 
     # ----------------------------------------------------------------- callers' side
@@ -292,6 +300,8 @@ class Engine:
             seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
         )
         slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
+        if self.prefix_caching and config.num_beams == 1:  # beam search computes outside the pool
+            slot.prefix = prefix_hashes(request.prompt_ids, request.adapter or "")
         grammar = request.grammar
         text = AnswerText(self.tokenizer, request.stop, may_stop=grammar.accepts if grammar else None)
         seq = Sequence(next(self._ids), request, sink, handle, time.monotonic(), slot, params, text)
@@ -449,6 +459,7 @@ class Engine:
                 completion_tokens=len(seq.generated),
                 token_ids=list(seq.generated),
                 logprobs=list(seq.logprobs) if seq.request.logprobs is not None else None,
+                cached_tokens=seq.slot.cached,
             ),
         )
 

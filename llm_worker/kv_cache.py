@@ -6,6 +6,12 @@ table), reserved whole when it is admitted (prompt + ``max_new_tokens``), so a r
 can never run out of room and nothing is ever preempted; a request that does not fit waits.
 Block 0 is scratch: padding rows and padding tokens write there and read from there.
 
+Prefix caching: a prompt's full blocks, once computed, are registered under a hash of their
+content (tokens, everything before them, the adapter). A request whose prompt begins with
+registered blocks shares them (a reference each) and prefills only the rest. A block nobody uses
+keeps its prefix cached until a reservation needs the room, least recently used first; it counts
+as free room all along, so no request ever waits for a block that eviction could free.
+
 How a forward writes to and reads from the pool is ``attention.PoolView``: each row's blocks
 are copied into a ``[rows, kv_heads, blocks * BLOCK_SIZE, head_dim]`` buffer for the model's
 own attention, masked by the model's own mask rule at each row's positions, which also hides
@@ -14,6 +20,9 @@ padding and unwritten positions.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -46,26 +55,97 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_SIZE)
 
 
+def prefix_hashes(token_ids: list[int], salt: str = "") -> list[bytes]:
+    """The content hash of each full block of ``token_ids``: its tokens and everything before it,
+    with ``salt`` (the adapter: it changes the keys and values), chained as vLLM's block hashes."""
+    digest = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+    hashes = []
+    for start in range(0, len(token_ids) - BLOCK_SIZE + 1, BLOCK_SIZE):
+        block = array("q", token_ids[start : start + BLOCK_SIZE]).tobytes()
+        digest = hashlib.blake2b(digest + block, digest_size=16).digest()
+        hashes.append(digest)
+    return hashes
+
+
 class BlockAllocator:
-    """Free blocks, on the host. All-or-nothing reservations."""
+    """Blocks of the pool, on the host: all-or-nothing reservations, and the prefix cache.
+
+    A block a request reserves is its own (one reference). A full prompt block whose keys and values
+    are computed can be registered under its content hash; a later request whose prompt begins with
+    the same blocks (same tokens, same adapter) takes a reference to them instead of computing them
+    again. A block nobody references is free: if it holds a registered prefix it stays cached, and
+    is evicted (least recently used first) only when a reservation needs the room."""
 
     def __init__(self, blocks: int) -> None:
         self.total = blocks - 1  # block 0 is scratch
-        self._free = list(range(blocks - 1, SCRATCH_BLOCK, -1))
+        self._free = list(range(blocks - 1, SCRATCH_BLOCK, -1))  # blank blocks
+        self._refs: dict[int, int] = {}  # block -> references, for blocks in use
+        self._hash_of: dict[int, bytes] = {}  # registered blocks (in use or cached)
+        self._block_of: dict[bytes, int] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced registered blocks, oldest first
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks a reservation may take: blank ones and cached ones nobody uses."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def cached(self) -> int:
+        return len(self._cached)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The registered blocks that hold the leading ``hashes``, in order, up to the first miss."""
+        found = []
+        for digest in hashes:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def idle(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` nobody references (taking them uses up free room)."""
+        return sum(block in self._cached for block in blocks)
+
+    def share(self, blocks: list[int]) -> None:
+        """Take a reference to registered blocks."""
+        for block in blocks:
+            self._cached.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
 
     def reserve(self, count: int) -> list[int] | None:
-        if count > len(self._free):
+        if count > self.free:
             return None
-        taken = self._free[-count:] if count else []
-        del self._free[len(self._free) - count :]
+        taken = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._cached.popitem(last=False)  # evict the least recently used
+                del self._block_of[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            taken.append(block)
         return taken
 
+    def register(self, block: int, digest: bytes) -> None:
+        """Make a block in use findable by its content hash (once its keys and values are computed)."""
+        if digest not in self._block_of and block not in self._hash_of:
+            self._block_of[digest] = block
+            self._hash_of[block] = digest
+
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """Drop a reference to each block; a prompt's later blocks are released first, so that
+        they are evicted before the blocks every longer prefix starts with."""
+        for block in reversed(blocks):
+            refs = self._refs[block] - 1
+            if refs:
+                self._refs[block] = refs
+                continue
+            del self._refs[block]
+            if block in self._hash_of:
+                self._cached[block] = None  # the most recently used go last
+            else:
+                self._free.append(block)
 
 
 class KVPool:

@@ -477,11 +477,17 @@ class Response:
             **extra,
         }
 
-    def usage(self, completions: list[Completion]) -> dict[str, int]:
+    def usage(self, completions: list[Completion]) -> dict[str, Any]:
         n = self.prepared.body.n
         prompt = sum(done.prompt_tokens for done in completions[::n])  # each prompt counts once
+        cached = sum(done.cached_tokens for done in completions[::n])
         generated = sum(done.completion_tokens for done in completions)
-        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": generated,
+            "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def logprobs(self, items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
         if not self.with_logprobs:

@@ -1,8 +1,10 @@
 """Which requests run this step, and how much of which prompts is prefilled: host-side only.
 
 A request is admitted when the batch has a free row and the KV pool can reserve its whole
-footprint (prompt + ``max_new_tokens``); in order of arrival, so a large request is not starved
-by smaller ones behind it. A request whose adapter cannot be loaded yet (every adapter slot is in
+footprint (prompt + ``max_new_tokens``), less the leading prompt blocks it finds in the prefix
+cache (in whole prefill chunks), which it shares and does not prefill; in order of arrival, so a large request is not
+starved by smaller ones behind it. A request whose next prompt blocks another request is
+prefilling right now waits for them (a step or two) instead of computing them a second time. A request whose adapter cannot be loaded yet (every adapter slot is in
 use) is passed over, so it never holds up the base model or other adapters.
 
 Prefill is chunked under a per-step token budget and interleaved with decoding: each engine step
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from llm_worker.kv_cache import BlockAllocator, blocks_for
+from llm_worker.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_for
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Slot:
     max_new_tokens: int
     blocks: list[int] = field(default_factory=list)
     computed: int = 0  # prompt tokens already in the KV cache
+    prefix: list[bytes] = field(default_factory=list)  # content hashes of the prompt's full blocks (empty: no sharing)
+    cached: int = 0  # prompt tokens found in the prefix cache at admission
 
     @property
     def footprint(self) -> int:
@@ -57,6 +61,10 @@ class Scheduler(Generic[S]):
         self.allocator = allocator
         self.max_rows = max_rows
         self.prefill_budget = prefill_budget
+        # Prefixes are shared in whole prefill chunks only: a shared chunk's keys and values were
+        # computed exactly as the request would have computed them, and the rest of its prompt is
+        # cut at the same offsets as without the cache, so every answer is the same either way.
+        self.chunk_blocks = prefill_budget // BLOCK_SIZE if prefill_budget % BLOCK_SIZE == 0 else 0
         self.waiting: deque[S] = deque()
         self.prefilling: list[S] = []
         self.running: list[S] = []
@@ -69,10 +77,18 @@ class Scheduler(Generic[S]):
         """Reserve KV for waiting requests, in order, while there is room. ``ready(seq)``: True to
         admit, False to pass it over for now (its adapter is busy), None to drop it (failed)."""
         admitted, passed = [], deque()
+        pending = {digest for seq in self.prefilling for digest in self._registered(seq.slot)}  # being computed now
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_rows:
             seq = self.waiting[0]
-            needed = blocks_for(seq.slot.footprint)
-            if needed > self.allocator.free:
+            slot = seq.slot
+            wanted = slot.prefix[: (slot.prompt_len - 1) // self.prefill_budget * self.chunk_blocks]  # the last token is computed
+            shared = self.allocator.lookup(wanted)
+            shared = shared[: len(shared) // self.chunk_blocks * self.chunk_blocks] if self.chunk_blocks else []
+            if len(shared) < len(wanted) and wanted[len(shared)] in pending:
+                passed.append(self.waiting.popleft())  # its next blocks are being computed: share them next step
+                continue
+            needed = blocks_for(slot.footprint) - len(shared)
+            if needed + self.allocator.idle(shared) > self.allocator.free:
                 break
             self.waiting.popleft()
             verdict = ready(seq)
@@ -81,7 +97,10 @@ class Scheduler(Generic[S]):
             if not verdict:
                 passed.append(seq)
                 continue
-            seq.slot.blocks = self.allocator.reserve(needed)
+            self.allocator.share(shared)
+            slot.blocks = shared + self.allocator.reserve(needed)
+            slot.computed = slot.cached = len(shared) * BLOCK_SIZE
+            pending.update(self._registered(slot))
             self.prefilling.append(seq)
             admitted.append(seq)
         self.waiting.extendleft(reversed(passed))
@@ -100,10 +119,19 @@ class Scheduler(Generic[S]):
         return chunks
 
     def prefilled(self, chunk: PrefillChunk[S]) -> None:
-        chunk.seq.slot.computed += chunk.length
+        """A chunk's keys and values are in the cache. Once the whole prompt is, its full blocks
+        become findable (never before: a request that fails mid-prefill leaves nothing cached)."""
+        slot = chunk.seq.slot
+        slot.computed += chunk.length
         if chunk.last:
+            for block, digest in zip(slot.blocks, self._registered(slot)):
+                self.allocator.register(block, digest)
             self.prefilling.remove(chunk.seq)
             self.running.append(chunk.seq)
+
+    def _registered(self, slot: Slot) -> list[bytes]:
+        """The hashes of the blocks a request registers once prefilled: its whole prefill chunks."""
+        return slot.prefix[: slot.prompt_len // self.prefill_budget * self.chunk_blocks]
 
     def release(self, seq: S) -> None:
         """Forget a request wherever it is and free its blocks."""

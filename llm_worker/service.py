@@ -35,6 +35,7 @@ class RequestRecord:
     outcome: Literal["finished", "failed", "cancelled"]
     finish_reason: str | None  # eos | stop | length | time_limit, when finished
     prompt_tokens: int
+    cached_tokens: int  # of the prompt, found in the prefix cache (known once finished; 0 otherwise)
     completion_tokens: int  # tokens of a finished answer; 0 otherwise
     seconds: float  # from submission to the end
     first_token_seconds: float | None  # to the first text, when there was some
@@ -82,6 +83,7 @@ class Worker:
             kv_cache_tokens=settings.kv_cache_tokens,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             cuda_graphs=settings.cuda_graphs,
+            prefix_caching=settings.enable_prefix_cache,
         )
         return Engine(loaded.model, loaded.tokenizer, config, dtype=loaded.dtype, adapters=self.adapters)
 
@@ -214,6 +216,7 @@ class Worker:
                 outcome="finished" if done else "failed" if end else "cancelled",
                 finish_reason=end.finish_reason if done else None,
                 prompt_tokens=len(request.prompt_ids),
+                cached_tokens=end.cached_tokens if done else 0,
                 completion_tokens=end.completion_tokens if done else 0,
                 seconds=end_seconds,
                 first_token_seconds=first_text.get(index),
@@ -234,7 +237,7 @@ class Worker:
         return {
             "output": completion.text,
             "finish_reason": completion.finish_reason,
-            "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
+            "usage": usage(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens),
             "model": self.loaded.name,
             "adapter": adapter or self.adapters.merged,
         }
@@ -321,10 +324,9 @@ class Worker:
         if job.stream and n == 1:
             return
         summary = {
-            "usage": {
-                "prompt_tokens": ordered[0].prompt_tokens,
-                "completion_tokens": sum(done.completion_tokens for done in ordered),
-            },
+            "usage": usage(
+                ordered[0].prompt_tokens, sum(done.completion_tokens for done in ordered), ordered[0].cached_tokens
+            ),
             "model": self.loaded.name,
             "adapter": request.adapter or self.adapters.merged,
         }
@@ -343,6 +345,14 @@ class Worker:
             yield {**answer, **summary}
         else:
             yield {"choices": answers, **summary}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, int]:
+    """Native usage; ``cached_tokens`` (prompt tokens the prefix cache held) only when there were some."""
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    if cached_tokens:
+        counts["cached_tokens"] = cached_tokens
+    return counts
 
 
 def log_settings(settings: Settings) -> None:

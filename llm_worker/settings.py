@@ -92,6 +92,9 @@ class Settings(Environment):
         0.9, gt=0.0, le=1.0, description="Fraction of the GPU's memory the worker may use (weights + KV cache)."
     )
     cuda_graphs: bool = Field(True, description="Replay decoding steps as CUDA graphs on CUDA (off: eager, for debugging).")
+    enable_prefix_cache: bool = Field(
+        True, description="Reuse the keys and values of prompt blocks already computed (a shared preamble or system prompt)."
+    )
     max_job_seconds: float = Field(
         540.0, ge=0, description="A job running longer ends with finish_reason time_limit and its text so far; 0: off."
     )

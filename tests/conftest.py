@@ -193,3 +193,13 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def uncached(value):
+    """An output without the prefix cache's counts (``usage.cached_tokens``, OpenAI's
+    ``prompt_tokens_details``): they depend on what ran before, not on the answer."""
+    if isinstance(value, dict):
+        return {key: uncached(item) for key, item in value.items() if key not in ("cached_tokens", "prompt_tokens_details")}
+    if isinstance(value, list):
+        return [uncached(item) for item in value]
+    return value

@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from conftest import concurrently, job, seed_tasks
+from conftest import concurrently, job, seed_tasks, uncached
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def test_each_adapter_changes_the_answer_in_its_own_way(multi):
     assert "Paris" in base["output"] and base["adapter"] is None
     assert pirate["output"].startswith("Ahoy") and pirate["adapter"] == "pirate"
     assert robot["output"].startswith("Beep") and robot["adapter"] == "robot"
-    assert ask(multi, "base") == base
+    assert uncached(ask(multi, "base")) == uncached(base)
 
 
 def test_mixed_batch_answers_equal_solo_answers(multi):
@@ -55,7 +55,7 @@ def test_mixed_batch_answers_equal_solo_answers(multi):
             requests.append(request)
     solo = [multi.complete(r) for r in requests]
     together = concurrently(multi, requests)
-    assert together == solo
+    assert uncached(together) == uncached(solo)
     assert {r["adapter"] for r in together} == {None, "pirate", "robot"}
 
 
@@ -95,7 +95,7 @@ def test_loading_an_adapter_leaves_running_requests_correct(multi, adapter_dir, 
         long_base = job("Write a story about a lighthouse keeper.", max_new_tokens=60)
         alone = multi.complete(long_base)
         results = concurrently(multi, [long_base, {**job(FRANCE, max_new_tokens=12), "adapter": "robot2"}])
-        assert results[0] == alone
+        assert uncached(results[0]) == uncached(alone)
         assert results[1]["output"].startswith("Beep")
     finally:
         shutil.rmtree(adapter_dir / "robot2")

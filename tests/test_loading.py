@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, job
+from conftest import ROOT, job, uncached
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm_worker.loading import cpu_auto_dtype, fix_special_tokens, load_model, resolve_dtype
@@ -98,7 +98,7 @@ def test_merged_lora_gives_the_same_answer(started, pirate_adapter):
     merged = started(dtype="float32", lora_weights=str(pirate_adapter), merge_lora=True)
     assert not hasattr(merged.loaded.model, "peft_config"), "merged weights need no PEFT wrapper"
     for instruction in (FRANCE, "Name three colors.", "Write a haiku about the sea."):
-        assert answer(merged, instruction) == answer(unmerged, instruction)
+        assert uncached(answer(merged, instruction)) == uncached(answer(unmerged, instruction))
 
 
 @pytest.mark.parametrize("bits, layer", [("load_8bit", "Linear8bitLt"), ("load_4bit", "Linear4bit")])
