@@ -123,7 +123,7 @@ def test_prompt_longer_than_the_context_is_refused(worker):
 def test_greedy_answers_in_a_batch_equal_solo_answers(fp32_worker):
     """Compare token ids of real instructions run alone and run together (different lengths, so
     requests join and leave the batch at different steps)."""
-    jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": 48}} for task in seed_tasks(12)]
+    jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": 32}} for task in seed_tasks(12)]
     requests = [fp32_worker.prepare(j)[1] for j in jobs]
     solo = [fp32_worker.engine.generate(r) for r in requests]
     together = [None] * len(requests)
