@@ -62,6 +62,11 @@ class RunStats:
         }
 
 
+def read_tasks(path: Path = SEED_TASKS) -> list[dict]:
+    """The Alpaca seed tasks, one JSON object a line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def alpaca_workload(
     count: int,
     max_new_tokens: int,
@@ -74,7 +79,7 @@ def alpaca_workload(
     ``adapters``, request i asks for ``adapters[i % len(adapters)]``; with ``fixed_length``, every
     answer is exactly ``max_new_tokens`` long (``min_new_tokens``: random weights rarely end); with
     ``json_schema``, every other request answers in JSON that follows it."""
-    tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    tasks = read_tasks(path)
     jobs = []
     for i in range(count):
         task = tasks[i % len(tasks)]
@@ -98,12 +103,12 @@ def alpaca_workload(
 def shared_prompt_workload(count: int, max_new_tokens: int, system_tokens: int, tokenizer, path: Path = SEED_TASKS) -> list[dict]:
     """``count`` distinct short questions (Alpaca seed tasks) after one shared system prompt of
     about ``system_tokens`` tokens (the seed tasks' instructions, as house rules), greedy, streamed."""
-    tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rules, words = [], 0
+    tasks = read_tasks(path)
+    rules, tokens = [], 0
     for task in tasks:
         rules.append(f"- {task['instruction']}")
-        words = len(tokenizer("\n".join(rules))["input_ids"])
-        if words >= system_tokens:
+        tokens += len(tokenizer(rules[-1] + "\n", add_special_tokens=False)["input_ids"])
+        if tokens >= system_tokens:
             break
     system = "You are the help desk of a large library. Follow these house rules:\n" + "\n".join(rules)
     return [

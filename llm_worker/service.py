@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from llm_worker.adapters import AdapterError, AdapterManager
-from llm_worker.constraints import Grammar, Grammars
+from llm_worker.constraints import Grammars
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
 from llm_worker.loading import LoadedModel, load_model
 from llm_worker.prompts import render_prompt
@@ -132,11 +132,9 @@ class Worker:
         config = job.generation_config
         return self.request(ids, config, tuple(config.stop) + prompt.stop, job.adapter)
 
-    def request(
-        self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None, grammar: Grammar | None = None
-    ) -> GenerationRequest:
+    def request(self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None) -> GenerationRequest:
         """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job
-        names it. The config's constraint is compiled (cached) unless ``grammar`` is given."""
+        names it. The config's constraint, if any, is compiled (cached)."""
         room = min(self.settings.max_input_tokens, self.context_length - config.max_new_tokens)
         if len(ids) > room:
             raise InputError(
@@ -154,8 +152,7 @@ class Worker:
         chosen = self.adapters.choose(adapter)
         if chosen == self.adapters.merged:
             chosen = None  # already in the weights
-        if grammar is None and config.constraint is not None:
-            grammar = self.grammars.compile(*config.constraint)
+        grammar = self.grammars.compile(*config.constraint) if config.constraint is not None else None
         return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs, grammar=grammar)
 
     def prepare(self, raw: Any) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
