@@ -21,13 +21,13 @@ atexit.register(worker.close)  # stop the engine thread before the interpreter t
 
 
 async def handler(job):
-    async for chunk in jobs.handle(worker, job.get("input")):
+    async for chunk in jobs.handle(worker, job.get("input"), job.get("id")):
         yield chunk
 
 
 async def handler_collected(job):
     """The SDK's local test mode prints a generator instead of running it: fold the stream here."""
-    return await collect(jobs.handle(worker, job.get("input")))
+    return await collect(jobs.handle(worker, job.get("input"), job.get("id")))
 
 
 def concurrency_modifier(current: int) -> int:

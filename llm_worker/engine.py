@@ -80,6 +80,8 @@ class GenerationRequest:
     adapter: str | None = None
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
     grammar: Grammar | None = None  # the answer must follow it (a compiled json_schema, regex or choice)
+    strip: bool = True  # answer without leading and trailing whitespace; False: exactly as generated
+    job_id: str | None = None  # the job it answers, as the door names it (RunPod's job id): for the logs
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,11 @@ class Sequence:
     unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
     finish_reason: str | None = None
     matcher: LLMatcher | None = None  # where the answer stands in its grammar, when it has one
+
+    @property
+    def label(self) -> str:
+        """How the logs name it: its job's id (the door's, RunPod's job id), else the engine's number."""
+        return f"job {self.request.job_id}" if self.request.job_id else f"request {self.id}"
 
     @property
     def position(self) -> int:
@@ -303,7 +310,7 @@ class Engine:
         if self.prefix_caching and config.num_beams == 1:  # beam search computes outside the pool
             slot.prefix = prefix_hashes(request.prompt_ids, request.adapter or "")
         grammar = request.grammar
-        text = AnswerText(self.tokenizer, request.stop, may_stop=grammar.accepts if grammar else None)
+        text = AnswerText(self.tokenizer, request.stop, may_stop=grammar.accepts if grammar else None, strip=request.strip)
         seq = Sequence(next(self._ids), request, sink, handle, time.monotonic(), slot, params, text)
         seq.matcher = grammar.start() if grammar else None
         with self._submit_lock:
@@ -429,7 +436,7 @@ class Engine:
         try:
             seq.sink(event)
         except Exception as err:
-            log.warning("request %d: its caller is gone (%s); dropping it", seq.id, type(err).__name__)
+            log.warning("%s: its caller is gone (%s); dropping it", seq.label, type(err).__name__)
             seq.handle.cancel()
             self._release(seq, "cancelled")
 
@@ -498,7 +505,7 @@ class Engine:
             self._prefill_forward(group)
         except Exception as err:
             if len(group) == 1:
-                log.exception("prefill failed for request %d", group[0].seq.id)
+                log.exception("prefill failed for %s", group[0].seq.label)
                 self._fail([group[0].seq], f"generation failed: {type(err).__name__}: {err}")
                 return
             log.warning("prefill of %d prompts failed (%s); retrying them one by one", len(group), type(err).__name__)
@@ -643,8 +650,8 @@ class Engine:
         for seq in self.scheduler.running:
             elapsed = now - seq.submitted
             log.debug(
-                "request %d: %d of %d tokens after %.0f s (%.1f tokens/s)",
-                seq.id, len(seq.generated), seq.slot.max_new_tokens, elapsed, len(seq.generated) / elapsed,
+                "%s: %d of %d tokens after %.0f s (%.1f tokens/s)",
+                seq.label, len(seq.generated), seq.slot.max_new_tokens, elapsed, len(seq.generated) / elapsed,
             )
 
     # ----------------------------------------------------------------- beam search

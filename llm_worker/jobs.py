@@ -10,17 +10,17 @@ from llm_worker import openai_api
 from llm_worker.service import Worker, blocking, collect
 
 
-async def handle(worker: Worker, raw: Any) -> AsyncIterator[dict[str, Any] | str]:
+async def handle(worker: Worker, raw: Any, job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
     """A job's outputs, as the handler yields them: native dicts, or the OpenAI door's objects
-    and server-sent-event lines."""
+    and server-sent-event lines. ``job_id`` (RunPod's) names the job in the logs."""
     if isinstance(raw, dict) and "openai_route" in raw:
-        chunks = openai_api.handle(worker, raw)
+        chunks = openai_api.handle(worker, raw, job_id)
     else:
-        chunks = worker.handle(raw)
+        chunks = worker.handle(raw, job_id)
     async for chunk in chunks:
         yield chunk
 
 
-def complete(worker: Worker, raw: Any) -> dict[str, Any] | str:
+def complete(worker: Worker, raw: Any, job_id: str | None = None) -> dict[str, Any] | str:
     """Blocking: a job's folded output, as the RunPod SDK's aggregated stream would return it."""
-    return blocking(lambda: collect(handle(worker, raw)))
+    return blocking(lambda: collect(handle(worker, raw, job_id)))

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from llm_worker.settings import LOG_LEVELS
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LOGGERS = ("llm_worker", "model_cache")
+# One line per job, from every door: done (its counts), cancelled, failed, or refused (the reason,
+# which names fields and limits). Never the job's text.
+job_log = logging.getLogger("llm_worker.jobs")
+
+
+def log_refused(job_id: str | None, reason: str) -> None:
+    job_log.info("Job %s refused: %s", job_id or "-", reason)
 
 
 class DropMessages(logging.Filter):
@@ -65,6 +73,7 @@ def configure_logging(level: str | None = None) -> None:
     for logger in WORKER_LOGGERS:
         logging.getLogger(logger).setLevel(worker_level)
     quiet_known_noise()
+    quiet_runpod_sdk()
     from transformers.utils import logging as transformers_logging
 
     # transformers logs through a handler of its own, in another format, and draws progress bars,
@@ -72,3 +81,15 @@ def configure_logging(level: str | None = None) -> None:
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
     transformers_logging.disable_progress_bar()
+
+
+def quiet_runpod_sdk() -> None:
+    """The RunPod SDK logs at DEBUG unless told otherwise, and at DEBUG it prints every job's
+    output and every streamed chunk: users' text in the operator's logs. Unless the operator set
+    ``RUNPOD_LOG_LEVEL`` (or the SDK's older ``RUNPOD_DEBUG_LEVEL``), it logs at INFO: a job's
+    start and end, with its id. Only where the SDK is in use (the handler imports it first)."""
+    if "runpod" not in sys.modules or "RUNPOD_LOG_LEVEL" in os.environ or "RUNPOD_DEBUG_LEVEL" in os.environ:
+        return
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger.level = "INFO"  # what set_level("INFO") sets, without its own log line

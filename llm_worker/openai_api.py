@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2 import TemplateError
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llm_worker.engine import Completion, Delta, EngineError, GenerationRequest, TokenLogprob
 from llm_worker.errors import InputError
+from llm_worker.logs import log_refused
 from llm_worker.prompts import file_templates, render_prompt
 from llm_worker.schema import GenerationConfig
 
@@ -397,7 +398,7 @@ def called_tools(request: ChatRequest) -> list[Tool]:
     return named
 
 
-def prepare(worker: Worker, route: str, body: Any) -> Prepared:
+def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Prepared:
     chat = route == CHAT
     request = parse(ChatRequest if chat else CompletionRequest, body)
     adapter = adapter_for(worker, request.model)
@@ -433,7 +434,9 @@ def prepare(worker: Worker, route: str, body: Any) -> Prepared:
             params[field] = param
         try:
             config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
-            base = worker.request(ids, config, tuple(stop) + template_stop, adapter)
+            base = worker.request(ids, config, tuple(stop) + template_stop, adapter, job_id)
+            if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
+                base = replace(base, strip=False)
         except ValidationError as err:
             item = err.errors(include_url=False)[0]
             param = params.get(str(item["loc"][0]), str(item["loc"][0])) if item["loc"] else None
@@ -457,11 +460,11 @@ def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:
 class Response:
     """Turns engine events into OpenAI objects and stream chunks for one prepared request."""
 
-    def __init__(self, worker: Worker, route: str, prepared: Prepared) -> None:
+    def __init__(self, worker: Worker, route: str, prepared: Prepared, response_id: str) -> None:
         self.worker = worker
         self.chat = route == CHAT
         self.prepared = prepared
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = response_id
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
         self.with_logprobs = prepared.requests[0].logprobs is not None
@@ -686,15 +689,23 @@ def models(worker: Worker) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the door
-def open_request(worker: Worker, route: str, body: Any) -> Response:
-    """A chat or completions request body, checked and turned into its ``Response``; raises ``OpenAIError``."""
-    if worker.load_error:
-        raise unavailable(worker.load_error)
-    check_size(body, worker.limits.max_input_bytes)
-    return Response(worker, route, prepare(worker, route, body))
+def open_request(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Response:
+    """A chat or completions request body, checked and turned into its ``Response``; raises
+    ``OpenAIError`` (and logs the refusal). The logs name the job ``job_id`` (RunPod's), else by
+    the response's id."""
+    response_id = f"{'chatcmpl' if route == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+    try:
+        if worker.load_error:
+            raise unavailable(worker.load_error)
+        check_size(body, worker.limits.max_input_bytes)
+        prepared = prepare(worker, route, body, job_id or response_id)
+    except OpenAIError as err:
+        log_refused(job_id or response_id, str(err))
+        raise
+    return Response(worker, route, prepared, response_id)
 
 
-async def handle(worker: Worker, job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+async def handle(worker: Worker, job: dict[str, Any], job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
     """A gateway job's outputs: the response object, or the stream's SSE lines; errors in
     OpenAI's error shape (an error after a stream began is one more ``data:`` line)."""
     route = job.get("openai_route")
@@ -711,7 +722,7 @@ async def handle(worker: Worker, job: dict[str, Any]) -> AsyncIterator[dict[str,
                 "unknown_route",
                 status=404,
             )
-        response = open_request(worker, route, job.get("openai_input"))
+        response = open_request(worker, route, job.get("openai_input"), job_id)
     except OpenAIError as err:
         yield err.body
         return

@@ -8,6 +8,7 @@ the validation context, so the schema itself stays free of global state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import difflib
 import json
 from typing import Annotated, Any, Literal
 
@@ -198,12 +199,86 @@ def _limits(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits", Limits())
 
 
-def describe(error: ValidationError) -> str:
-    """All problems on one line: ``field.path: rule; ...``."""
+# Names that other APIs (OpenAI, vLLM, TGI, transformers' generate) give a field of the event, or
+# that people type first: an unknown key among them gets a hint naming ours.
+GEN, PROMPT = "generation_config", "prompt_config"
+ALIASES = {
+    "max_tokens": f"{GEN}.max_new_tokens",
+    "max_completion_tokens": f"{GEN}.max_new_tokens",
+    "max_length": f"{GEN}.max_new_tokens (it counts the answer's tokens only)",
+    "stop_sequences": f"{GEN}.stop",
+    "stop_words": f"{GEN}.stop",
+    "stop_strings": f"{GEN}.stop",
+    "num_return_sequences": f"{GEN}.n",
+    "best_of": f"{GEN}.n",
+    "top_logprobs": f"{GEN}.logprobs",
+    "random_seed": f"{GEN}.seed",
+    "frequency_penalty": f"{GEN}.repetition_penalty (multiplicative, as in transformers)",
+    "presence_penalty": f"{GEN}.repetition_penalty (multiplicative, as in transformers)",
+    "response_format": f"{GEN}.json_schema",
+    "guided_json": f"{GEN}.json_schema",
+    "guided_regex": f"{GEN}.regex",
+    "guided_choice": f"{GEN}.choice",
+    "prompt": f"{PROMPT}.instruction",
+    "inputs": f"{PROMPT}.instruction",
+    "text": f"{PROMPT}.instruction",
+    "query": f"{PROMPT}.instruction",
+    "question": f"{PROMPT}.instruction",
+    "context": f"{PROMPT}.input",
+    "parameters": GEN,
+    "sampling_params": GEN,
+    "generate_kwargs": GEN,
+    "generation_kwargs": GEN,
+    "streaming": "stream",
+    "lora": "adapter",
+    "lora_name": "adapter",
+    "lora_request": "adapter",
+    "adapter_name": "adapter",
+    "adapter_id": "adapter",
+    "model": "adapter",
+    "messages": "openai_input",
+}
+NOTES = {  # said after the hint
+    "model": "the base model is the deployment's BASE_MODEL, and a job names one of its adapters",
+    "messages": 'an OpenAI request goes as {"openai_route": "/v1/chat/completions", "openai_input": {"messages": [...]}}',
+}
+
+
+def _sections() -> dict[str, tuple[str, ...]]:
+    """Each part of the event (``""``: the top level) and its fields."""
+    return {"": tuple(JobInput.model_fields), PROMPT: tuple(PromptConfig.model_fields), GEN: tuple(GenerationConfig.model_fields)}
+
+
+def hint(location: tuple[str | int, ...]) -> str | None:
+    """What an unknown key was probably meant to be: another API's name for one of our fields,
+    one of our fields in another part of the event, or a close spelling."""
+    key, section = str(location[-1]), ".".join(str(part) for part in location[:-1])
+    sections = _sections()
+    if section not in sections:
+        return None
+    if key.lower() in ALIASES:
+        meant = f"did you mean {ALIASES[key.lower()]}?"
+        return f"{meant} {NOTES[key.lower()]}" if key.lower() in NOTES else meant
+    elsewhere = [f"{name}.{key}" if name else key for name, fields in sections.items() if name != section and key in fields]
+    if elsewhere:
+        return f"did you mean {elsewhere[0]}?"
+    close = difflib.get_close_matches(key.lower(), sections[section], n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {f'{section}.{close[0]}' if section else close[0]}?"
+    return None
+
+
+def describe(error: ValidationError, hints: bool = True) -> str:
+    """All problems on one line: ``field.path: rule; ...``; with ``hints``, an unknown key of a
+    generation job gets a hint when a known name is close or is another API's name for the field."""
     parts = []
     for item in error.errors(include_url=False):
         location = ".".join(_field_name(part) for part in item["loc"]) or "input"
         message = item["msg"].removeprefix("Value error, ")
+        if hints and item["type"] == "extra_forbidden" and item["loc"]:
+            meant = hint(item["loc"])
+            if meant:
+                message += f" ({meant})"
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
 
@@ -228,4 +303,4 @@ def parse_job_input(raw: Any, limits: Limits) -> JobInput | ListAdaptersInput:
     try:
         return model.model_validate(raw, context={"limits": limits})
     except ValidationError as err:
-        raise InputError(describe(err)) from None
+        raise InputError(describe(err, hints=model is JobInput)) from None

@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any
@@ -171,7 +172,7 @@ class Door:
         self.metrics.request(route, outcome(response.status_code))
         return response
 
-    def stream(self, route: str, events: AsyncIterator[str]) -> StreamingResponse:
+    def stream(self, route: str, events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
         """Server-sent events as they come. A client that disconnects cancels the stream, and with
         it the engine requests."""
 
@@ -189,7 +190,7 @@ class Door:
             finally:
                 self.metrics.request(route, result)
 
-        return StreamingResponse(counted(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(counted(), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
 
 
 async def disconnected(request: Request) -> None:
@@ -293,21 +294,23 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
         body = await read_json(request, worker.limits.max_input_bytes)
         if not isinstance(body, dict):
             raise Failure(400, f"body: must be a JSON object, got {type(body).__name__}")
+        job_id = f"gen-{uuid.uuid4().hex}"  # names the job in the logs, and in the X-Request-Id header
+        named = {"X-Request-Id": job_id}
         try:
-            job, prepared = worker.prepare(body)
+            job, prepared = worker.prepare(body, job_id)
         except InputError as err:
-            raise Failure(422, str(err)) from None
+            raise Failure(422, str(err), headers=named) from None
         except EngineError as err:
-            raise Failure(503, str(err)) from None
+            raise Failure(503, str(err), headers=named) from None
         outputs = worker.outputs(job, prepared)
         if prepared is not None and job.stream:
-            return door.stream("/generate", native_events(outputs))
+            return door.stream("/generate", native_events(outputs), named)
 
         async def answer() -> JSONResponse:
             async with aclosing(outputs):
                 result = await anext(outputs)
             status = door.engine_status() if "error" in result else 200
-            return JSONResponse(result, status)
+            return JSONResponse(result, status, headers=named)
 
         return await door.whole("/generate", request, answer())
 

@@ -18,6 +18,7 @@ from llm_worker.adapters import AdapterError, AdapterManager
 from llm_worker.constraints import Grammars
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
 from llm_worker.loading import LoadedModel, load_model
+from llm_worker.logs import job_log, log_refused
 from llm_worker.prompts import render_prompt
 from llm_worker.loading import adapter_name
 from llm_worker.schema import GenerationConfig, InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
@@ -119,7 +120,7 @@ class Worker:
             self.engine.close()
 
     # ------------------------------------------------------------------ requests
-    def build_request(self, job: JobInput) -> GenerationRequest:
+    def build_request(self, job: JobInput, job_id: str | None = None) -> GenerationRequest:
         prompt_config = job.prompt_config
         prompt = render_prompt(
             self.loaded.tokenizer,
@@ -130,11 +131,14 @@ class Worker:
         )
         ids = self.loaded.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         config = job.generation_config
-        return self.request(ids, config, tuple(config.stop) + prompt.stop, job.adapter)
+        return self.request(ids, config, tuple(config.stop) + prompt.stop, job.adapter, job_id)
 
-    def request(self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None) -> GenerationRequest:
+    def request(
+        self, ids: list[int], config: GenerationConfig, stop: tuple[str, ...], adapter: str | None, job_id: str | None = None
+    ) -> GenerationRequest:
         """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job
-        names it. The config's constraint, if any, is compiled (cached)."""
+        names it, ``job_id`` as the door names the job (for the logs). The config's constraint, if
+        any, is compiled (cached)."""
         room = min(self.settings.max_input_tokens, self.context_length - config.max_new_tokens)
         if len(ids) > room:
             raise InputError(
@@ -153,16 +157,23 @@ class Worker:
         if chosen == self.adapters.merged:
             chosen = None  # already in the weights
         grammar = self.grammars.compile(*config.constraint) if config.constraint is not None else None
-        return GenerationRequest(prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs, grammar=grammar)
+        return GenerationRequest(
+            prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs, grammar=grammar, job_id=job_id
+        )
 
-    def prepare(self, raw: Any) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
-        """Validate a job input; a generation job also gets its engine request."""
+    def prepare(self, raw: Any, job_id: str | None = None) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
+        """Validate a job input; a generation job also gets its engine request. A refused job is
+        logged (at INFO, with the reason: field names and limits, never the job's text)."""
         if self.load_error:
             raise EngineError(self.load_error)
-        job = parse_job_input(raw, self.limits)
-        if isinstance(job, ListAdaptersInput):
-            return job, None
-        return job, self.build_request(job)
+        try:
+            job = parse_job_input(raw, self.limits)
+            if isinstance(job, ListAdaptersInput):
+                return job, None
+            return job, self.build_request(job, job_id)
+        except InputError as err:
+            log_refused(job_id, str(err))
+            raise
 
     @staticmethod
     def choices(request: GenerationRequest) -> list[GenerationRequest]:
@@ -176,7 +187,8 @@ class Worker:
     async def events(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Delta | Completion]]:
         """The engine events of several requests as they come, each with its request's index. A
         failed request raises ``EngineError``; leaving early cancels every request still running.
-        Each request's ``RequestRecord`` goes to ``watchers`` when it ends."""
+        Each request's ``RequestRecord`` goes to ``watchers`` when it ends, and the job gets one
+        log line (``log_job``)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Delta | Completion | Failed]] = asyncio.Queue()
         handles = []
@@ -199,8 +211,10 @@ class Worker:
         finally:
             for handle in handles:
                 handle.cancel()
+            seconds = time.monotonic() - started
+            log_job(requests, [ended.get(index, (None, seconds))[0] for index in range(len(requests))], seconds, self.adapters.merged)
             if self.watchers:
-                self._report(requests, ended, first_text, time.monotonic() - started)
+                self._report(requests, ended, first_text, seconds)
 
     def _report(
         self, requests: Sequence[GenerationRequest], ended: dict[int, tuple[Completion | Failed, float]],
@@ -257,12 +271,12 @@ class Worker:
         """Blocking: one native job input in, its folded output (or ``{"error": ...}``) out."""
         return blocking(lambda: collect(self.handle(raw)))
 
-    async def handle(self, raw: Any) -> AsyncIterator[dict[str, Any]]:
+    async def handle(self, raw: Any, job_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """A native job's outputs: one result, or with ``stream`` the deltas, the last one carrying
         ``finish_reason``, ``usage``, ``model`` and ``adapter`` (see ``answers`` for ``n`` > 1 and
-        logprobs). Errors come out as ``{"error": ...}``."""
+        logprobs). Errors come out as ``{"error": ...}``. ``job_id`` names the job in the logs."""
         try:
-            job, request = self.prepare(raw)
+            job, request = self.prepare(raw, job_id)
         except (InputError, EngineError) as err:
             yield {"error": str(err)}
             return
@@ -350,6 +364,36 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     if cached_tokens:
         counts["cached_tokens"] = cached_tokens
     return counts
+
+
+def log_job(requests: Sequence[GenerationRequest], ends: Sequence[Completion | Failed | None], seconds: float, merged: str | None) -> None:
+    """One line per job (all its requests: ``n`` answers, several prompts) once it is over: job id,
+    adapter, outcome, token counts, seconds and tokens/s. Never the prompt's or the answer's text."""
+    first = requests[0]
+    adapter = first.adapter or merged or "-"
+    prompts: dict[int, int] = {}  # each prompt counts once (n answers share one)
+    for request in requests:
+        prompts[id(request.prompt_ids)] = len(request.prompt_ids)
+    prompt_tokens = sum(prompts.values())
+    done = [end for end in ends if isinstance(end, Completion)]
+    completion_tokens = sum(end.completion_tokens for end in done)
+    failed = next((end for end in ends if isinstance(end, Failed)), None)
+    if failed is not None:
+        job_log.warning("Job %s failed after %.2f s (adapter %s): %s", first.job_id or "-", seconds, adapter, failed.error)
+        return
+    if len(done) < len(ends):
+        job_log.info(
+            "Job %s cancelled after %.2f s (adapter %s, %d prompt tokens, %d of %d answers finished)",
+            first.job_id or "-", seconds, adapter, prompt_tokens, len(done), len(ends),
+        )
+        return
+    reasons = ",".join(dict.fromkeys(end.finish_reason for end in done))
+    cached = sum({id(request.prompt_ids): end.cached_tokens for request, end in zip(requests, ends)}.values())
+    job_log.info(
+        "Job %s done: %s, adapter %s, %d prompt tokens%s, %d completion tokens, %.2f s, %.1f tokens/s",
+        first.job_id or "-", reasons, adapter, prompt_tokens, f" ({cached} cached)" if cached else "",
+        completion_tokens, seconds, completion_tokens / seconds if seconds > 0 else 0.0,
+    )
 
 
 def log_settings(settings: Settings) -> None:

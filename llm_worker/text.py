@@ -8,8 +8,9 @@ token, and if the answer ends there the incomplete character is dropped. Each to
 bounded by the window, not by the answer's length; the answer is the concatenation of the pieces,
 so streamed deltas join exactly to the final text.
 
-Streaming rules: leading and trailing whitespace are not part of the answer; a tail that could
-still grow into a stop string is held back; nothing at or past a stop string is ever sent. An
+Streaming rules: leading and trailing whitespace are not part of the answer (unless ``strip`` is
+false: OpenAI's completions return the text exactly as generated, leading space included); a tail
+that could still grow into a stop string is held back; nothing at or past a stop string is ever sent. An
 answer under a constraint ends at a stop string only where the text before it satisfies the
 constraint (``may_stop``).
 """
@@ -32,8 +33,10 @@ class AnswerText:
         stops: tuple[str, ...] = (),
         use_decode_stream: bool = True,
         may_stop: Callable[[str], bool] | None = None,
+        strip: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
+        self.strip = strip
         self.may_stop = may_stop
         backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
         self._stream = DecodeStream(skip_special_tokens=True) if use_decode_stream and backend is not None else None
@@ -45,7 +48,7 @@ class AnswerText:
         self.text = ""
         self.stopped = False
         self.sent = 0  # characters of the stripped answer already streamed
-        self._lead = None  # leading whitespace to skip, known once a visible character arrives
+        self._lead = None if strip else 0  # leading whitespace to skip, known once a visible character arrives
 
     def add(self, token: int) -> None:
         """Take one token; sets ``stopped`` (and cuts the text) when a stop string appears."""
@@ -75,7 +78,7 @@ class AnswerText:
 
     @property
     def answer(self) -> str:
-        return self.text.strip()
+        return self.text.strip() if self.strip else self.text
 
     def delta(self, final: bool = False) -> str:
         """What may be streamed now that was not sent yet (everything that is left, when ``final``)."""
@@ -87,7 +90,9 @@ class AnswerText:
         end = len(self.text)
         if not final and not self.stopped:
             end -= self._held_back()
-        end = len(self.text[:end].rstrip()) - self._lead  # trailing whitespace waits for what follows
+        if self.strip:
+            end = len(self.text[:end].rstrip())  # trailing whitespace waits for what follows
+        end -= self._lead
         if end <= self.sent:
             return ""
         piece = self.text[self._lead + self.sent : self._lead + end]

@@ -120,20 +120,36 @@ def fetch_from_hub(repo_id: str, settings: Settings) -> Path:
         raise ModelSourceError(f"could not fetch {repo_id!r} from the Hub: {type(err).__name__}") from err
 
 
+def plainly_local(source: str) -> bool:
+    """Whether ``source`` can only mean a folder (``./x``, ``/x``, ``~/x``, ``a/b/c``): a Hub id is
+    ``name`` or ``owner/name``."""
+    return source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or source.count("/") > 1 or "\\" in source
+
+
+def local_folder(source: str, what: str) -> Path | None:
+    """The folder ``source`` names, None when it is a Hub id; a path that is plainly local but is
+    not a folder is refused here, before anything is looked up on the Hub."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    if plainly_local(source):
+        state = "is a file, not a folder" if local.exists() else "does not exist"
+        raise ModelSourceError(f"{what} {source!r} is a local path ({local.resolve()}) that {state}")
+    return None
+
+
 def resolve_base_model(settings: Settings) -> Path:
     """The local folder of the base model named by BASE_MODEL (or the embedded default)."""
     if settings.base_model is None:
         return prepare_default_model(settings)
-    local = Path(settings.base_model).expanduser()
-    if local.is_dir():
-        return local
-    return fetch_from_hub(settings.base_model, settings)
+    local = local_folder(settings.base_model, "BASE_MODEL")
+    return local or fetch_from_hub(settings.base_model, settings)
 
 
 def resolve_adapter_source(source: str, settings: Settings, allow_hub: bool = True) -> Path:
     """The local folder of a PEFT adapter given as a folder or a Hub id."""
-    local = Path(source).expanduser()
-    if local.is_dir():
+    local = local_folder(source, "adapter")
+    if local is not None:
         return local
     if not allow_hub:
         raise ModelSourceError(f"adapter {source!r} is not a local folder and Hub adapters are disabled")

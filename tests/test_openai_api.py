@@ -84,7 +84,7 @@ def test_completions_for_two_prompts_parse_and_their_stream_agrees(served):
         if choice["finish_reason"] is None:  # openai's type declares it required; OpenAI's own streams send null
             choice = {**choice, "finish_reason": "stop"}
         strictly(Completion, {**chunk, "choices": [choice]})
-    assert [c.index for c in whole.choices] == [0, 1] and "Paris" in whole.choices[0].text
+    assert [c.index for c in whole.choices] == [0, 1] and whole.choices[0].text.startswith(" Paris")  # as generated: prompt + text reads on
     for choice in whole.choices:
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice.index]
         assert "".join(c["text"] for c in mine) == choice.text
@@ -92,8 +92,12 @@ def test_completions_for_two_prompts_parse_and_their_stream_agrees(served):
         streamed = sum((c["logprobs"]["token_logprobs"] for c in mine), [])
         assert streamed == pytest.approx(choice.logprobs.token_logprobs, abs=1e-4)  # batched differently: rounding
         assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) == len(choice.logprobs.text_offset)
+        assert "".join(choice.logprobs.tokens) == choice.text  # nothing stripped: the tokens join to the text
     single = [call(served, COMPLETIONS, **{**body, "prompt": p})["usage"]["prompt_tokens"] for p in body["prompt"]]
     assert whole.usage.prompt_tokens == sum(single)
+    cut = call(served, COMPLETIONS, prompt="The capital of France is", max_tokens=8, temperature=0, stop=["."])["choices"][0]
+    assert (cut["text"], cut["finish_reason"]) == (" Paris", "stop")  # a stop string is still cut
+    assert chat(served, max_tokens=16, temperature=0)["choices"][0]["message"]["content"][0] != " "  # chat: stripped
 
 
 def test_models_are_the_base_model_and_every_adapter(served):

@@ -66,6 +66,39 @@ def test_unknown_keys_are_refused_at_every_level():
 
 
 @pytest.mark.parametrize(
+    "event, hint",
+    [
+        # other APIs' names for our fields (OpenAI, vLLM, TGI, transformers)
+        (with_generation(max_tokens=5), "generation_config.max_tokens: Extra inputs are not permitted (did you mean generation_config.max_new_tokens?)"),
+        ({"prompt": "Hi"}, "prompt: Extra inputs are not permitted (did you mean prompt_config.instruction?)"),
+        (with_generation(stop_sequences=["x"]), "(did you mean generation_config.stop?)"),
+        (with_generation(num_return_sequences=2), "(did you mean generation_config.n?)"),
+        (with_generation(guided_json={}), "(did you mean generation_config.json_schema?)"),
+        ({"inputs": "Hi", "parameters": {}}, "inputs: Extra inputs are not permitted (did you mean prompt_config.instruction?); "
+         "parameters: Extra inputs are not permitted (did you mean generation_config?)"),
+        ({"prompt_config": {"instruction": "x"}, "model": "m"}, "(did you mean adapter? the base model is the deployment's BASE_MODEL"),
+        ({"messages": []}, '(did you mean openai_input? an OpenAI request goes as {"openai_route": "/v1/chat/completions"'),
+        # one of our fields in another part of the event
+        ({"prompt_config": {"instruction": "x"}, "temperature": 0.5}, "temperature: Extra inputs are not permitted (did you mean generation_config.temperature?)"),
+        (with_generation(stream=True), "generation_config.stream: Extra inputs are not permitted (did you mean stream?)"),
+        ({"prompt_config": {"instruction": "x", "max_new_tokens": 3}}, "(did you mean generation_config.max_new_tokens?)"),
+        # close spellings
+        (with_generation(temprature=0.5), "generation_config.temprature: Extra inputs are not permitted (did you mean generation_config.temperature?)"),
+        ({"prompt_config": {"instructions": "x"}}, "(did you mean prompt_config.instruction?)"),
+        ({"prompt_config": {"instruction": "x"}, "adpter": "a"}, "adpter: Extra inputs are not permitted (did you mean adapter?)"),
+    ],
+)
+def test_an_unknown_key_gets_a_hint_when_it_names_a_field_we_have(event, hint):
+    assert hint in error_for(event)
+
+
+def test_an_unknown_key_with_nothing_close_gets_no_hint():
+    message = error_for({"prompt_config": {"instruction": "x"}, "generation_config": {"zebra": 1}, "list_adapters_please": 1})
+    assert message.endswith("generation_config.zebra: Extra inputs are not permitted; list_adapters_please: Extra inputs are not permitted")
+    assert error_for({"list_adapters": True, "prompt_config": {}}) == "prompt_config: Extra inputs are not permitted"
+
+
+@pytest.mark.parametrize(
     "field, value, rule",
     [
         ("temperature", -0.1, "greater than or equal to 0"),

@@ -255,6 +255,22 @@ def test_64_concurrent_streams_share_batches_and_each_equals_its_solo_answer(ser
     assert served.metric("llm_worker_generation_tokens_total") == tokens_before + generated
 
 
+def test_each_request_is_named_in_the_logs_by_the_id_its_client_gets(served, caplog):
+    """/generate answers with an X-Request-Id, the OpenAI routes with their response id; the job's
+    one INFO line names it, and a refused body is logged with the id and reason only."""
+    caplog.set_level(logging.INFO, logger="llm_worker")
+    plain = served.http.post("/generate", json=job(FRANCE, max_new_tokens=4))
+    refused = served.http.post("/generate", json={"prompt": FRANCE})
+    chat = served.openai().chat.completions.create(model=served.door.worker.loaded.name, messages=[{"role": "user", "content": FRANCE}], max_tokens=4)
+    lines = [record.getMessage() for record in caplog.records]
+    request_id = plain.headers["X-Request-Id"]
+    assert request_id.startswith("gen-") and refused.headers["X-Request-Id"].startswith("gen-")
+    assert [line for line in lines if line.startswith(f"Job {request_id} done: length, adapter -, ")]
+    assert f"Job {refused.headers['X-Request-Id']} refused: prompt_config: Field required" in lines[1]
+    assert [line for line in lines if line.startswith(f"Job {chat.id} done: length, ")]
+    assert not [line for line in lines if FRANCE in line]
+
+
 def test_a_client_that_disconnects_cancels_its_request(served, caplog):
     """Its batch row and KV blocks are freed, it counts as cancelled, nothing is logged as a failure,
     and the server keeps answering."""

@@ -44,6 +44,26 @@ def test_deltas_join_to_the_full_decode(tokenizer, answer_text, text):
     assert REPLACEMENT not in "".join(deltas)
 
 
+@pytest.mark.parametrize("text", SAMPLES)
+def test_unstripped_deltas_join_to_the_text_exactly_as_generated(tokenizer, text):
+    """``strip=False`` (OpenAI's completions): leading and trailing whitespace stay; a stop string still cuts."""
+    ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    for use_decode_stream in (True, False):
+        answer = AnswerText(tokenizer, (), use_decode_stream=use_decode_stream, strip=False)
+        deltas = []
+        for token in ids:
+            answer.add(token)
+            deltas.append(answer.delta())
+        deltas.append(answer.delta(final=True))
+        assert "".join(deltas) == answer.answer == tokenizer.decode(ids, skip_special_tokens=True)
+    cut = AnswerText(tokenizer, (" France",), strip=False)
+    for token in tokenizer(" Paris is in France, of course", add_special_tokens=False)["input_ids"]:
+        cut.add(token)
+        if cut.stopped:
+            break
+    assert cut.stopped and cut.answer == cut.delta(final=True) == " Paris is in"
+
+
 def test_an_answer_cut_inside_a_character_drops_the_incomplete_character(tokenizer, answer_text):
     ids = tokenizer("おやすみなさい🚀", add_special_tokens=False)["input_ids"]
     cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith(REPLACEMENT)]
