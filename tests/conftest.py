@@ -27,6 +27,17 @@ SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)  # a README code block: language, body
 
 
+def doc_blocks(page: str, title: str | None = None) -> list[tuple[str, str]]:
+    """The code blocks (language, body) of a documentation page (``README.md``, ``docs/x.md``), or
+    of its section ``## title`` (up to the next ``## ``)."""
+    text = (ROOT / page).read_text()
+    if title is not None:
+        start = text.index(f"\n## {title}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start : end if end >= 0 else None]
+    return FENCE.findall(text)
+
+
 def seed_tasks(count: int, skip: int = 0) -> list[dict]:
     """Real instructions from the Alpaca seed tasks, as job inputs' prompt_config."""
     rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()[skip : skip + count]]

@@ -17,7 +17,7 @@ import llguidance.torch
 import openai
 import pytest
 import torch
-from conftest import FENCE, ROOT, job, running, uncached
+from conftest import ROOT, doc_blocks, job, running, uncached
 from openai.types.chat import ChatCompletion
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -285,19 +285,17 @@ def client(server_url):
     return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def readme_examples() -> list[tuple[str, str]]:
-    """The README's structured-output section: each command with the output shown after it."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Structured output")
-    blocks = FENCE.findall(text[start : text.index("\n## ", start + 1)])
+def page_examples() -> list[tuple[str, str]]:
+    """The structured-output page: each command with the output shown after it."""
+    blocks = doc_blocks("docs/structured-output.md")
     assert [lang for lang, _ in blocks] == ["bash", "json"] * 4
     return [(blocks[i][1], blocks[i + 1][1]) for i in range(0, len(blocks), 2)]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's commands use curl")
 @pytest.mark.parametrize("index", range(4))
-def test_the_readmes_examples_print_what_it_shows(server_url, index):
-    command, shown = readme_examples()[index]
+def test_the_pages_examples_print_what_it_shows(server_url, index):
+    command, shown = page_examples()[index]
     script = command.replace("http://localhost:8000", server_url).replace(".venv/bin/python", shlex.quote(sys.executable))
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import FENCE, ROOT, free_port, job, running, seed_tasks, strictly, uncached
+from conftest import ROOT, doc_blocks, free_port, job, running, seed_tasks, strictly, uncached
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -293,25 +293,32 @@ def test_a_client_that_disconnects_cancels_its_request(served, caplog):
     assert not [record.getMessage() for record in caplog.records]
 
 
-def readme_examples() -> tuple[str, list[tuple[str, str, str]]]:
-    """The README's "Run it as a server": its server command, then each command with the output shown."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Run it as a server\n")
-    blocks = FENCE.findall(text[start : text.index("\n## ", start + 1)])
-    assert [lang for lang, _ in blocks] == ["bash", "bash", "json", "bash", "text", "bash", "json"]
+def server_examples(page: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """A page's server command (its first block, or in the README the section "Run it as a
+    server"), then each command with the output shown after it (kind: json or text)."""
+    blocks = doc_blocks(page, "Run it as a server" if page == "README.md" else None)
+    if page == "README.md":
+        assert [lang for lang, _ in blocks] == ["bash", "bash", "json"]
+    else:
+        assert [lang for lang, _ in blocks] == ["bash", "bash", "json", "bash", "text", "bash", "json"]
     return blocks[0][1].strip(), [(blocks[i][1], *blocks[i + 1]) for i in range(1, len(blocks), 2)]
 
 
-def test_the_readme_starts_the_server_as_make_serve_does():
-    server, _ = readme_examples()
+PAGES = ("README.md", "docs/server.md")
+SERVER_COMMANDS = [(page, index) for page in PAGES for index in range(len(server_examples(page)[1]))]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_docs_start_the_server_as_make_serve_does(page):
+    server, _ = server_examples(page)
     assert server == ".venv/bin/python -m llm_worker.server --host 127.0.0.1 --port 8000"
     assert "$(PY) -m llm_worker.server --host $(HOST) --port $(PORT)" in (ROOT / "Makefile").read_text()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's commands use curl")
-@pytest.mark.parametrize("index", range(3))
-def test_the_readmes_server_commands_print_what_it_shows(served, index):
-    command, kind, shown = readme_examples()[1][index]
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the commands use curl")
+@pytest.mark.parametrize("page, index", SERVER_COMMANDS)
+def test_the_docs_server_commands_print_what_they_show(served, page, index):
+    command, kind, shown = server_examples(page)[1][index]
     script = command.replace("http://localhost:8000", served.url).replace(".venv/bin/python", shlex.quote(sys.executable))
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

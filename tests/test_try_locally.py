@@ -1,5 +1,6 @@
-"""The README's "Try it locally" section: every command runs against the SDK's local API server and
-prints the output shown under it (job ids aside)."""
+"""The commands shown for the SDK's local API server (README's "Try it locally", the deploy guide's
+"The same routes locally") print the outputs shown under them (job ids aside), and the README's
+RunPod call shows what the worker returns, for an answer and for a refused job."""
 
 import json
 import re
@@ -9,26 +10,23 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_SERVER_ARGS, FENCE, ROOT, post, uncached
+from conftest import API_SERVER_ARGS, ROOT, doc_blocks, post, uncached
 
-README = ROOT / "README.md"
 LOCAL = "http://localhost:8000"
+SECTIONS = [("README.md", "Try it locally"), ("docs/deploy.md", "The same routes locally")]
 
 
-def section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end]
+def examples(page: str, title: str) -> list[tuple[str, str]]:
+    """Each command of the section with the output shown after it (the README's first block, the
+    server command, aside)."""
+    blocks = doc_blocks(page, title)
+    if page == "README.md":
+        blocks = blocks[1:]
+    assert [lang for lang, _ in blocks] == ["bash", "json"] * (len(blocks) // 2), (page, title)
+    return [(blocks[i][1], blocks[i + 1][1]) for i in range(0, len(blocks), 2)]
 
 
-def examples() -> tuple[str, list[tuple[str, str]]]:
-    """The section's server command, and each other command with the output shown after it."""
-    blocks = FENCE.findall(section("Try it locally"))
-    assert [lang for lang, _ in blocks] == ["bash"] + ["bash", "json"] * ((len(blocks) - 1) // 2)
-    commands = [body for _, body in blocks[1::2]]
-    outputs = [body for _, body in blocks[2::2]]
-    return blocks[0][1].strip(), list(zip(commands, outputs))
+COMMANDS = [(page, title, index) for page, title in SECTIONS for index in range(len(examples(page, title)))]
 
 
 def without_ids(value):
@@ -41,40 +39,62 @@ def without_ids(value):
 
 
 def test_the_readme_starts_the_server_as_the_tests_do():
-    server, _ = examples()
-    assert shlex.split(server) == [".venv/bin/python", *API_SERVER_ARGS, "8000"]
+    (_, server), *_ = doc_blocks("README.md", "Try it locally")
+    assert shlex.split(server.strip()) == [".venv/bin/python", *API_SERVER_ARGS, "8000"]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's commands use curl")
-@pytest.mark.parametrize("index", range(4))
-def test_each_command_prints_the_output_shown(api_server, index):
+def test_the_sections_show_every_route():
+    readme = " ".join(command for command, _ in examples("README.md", "Try it locally"))
+    assert "/runsync" in readme and '"openai_route": "/v1/chat/completions"' in readme
+    local = " ".join(command for command, _ in examples("docs/deploy.md", "The same routes locally"))
+    assert all(route in local for route in ("/run ", "/status/$JOB", "/stream/$JOB", "runpod.Endpoint"))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the commands use curl")
+@pytest.mark.parametrize("page, title, index", COMMANDS)
+def test_each_command_prints_the_output_shown(api_server, page, title, index):
     url, _ = api_server
-    _, pairs = examples()
-    assert len(pairs) == 4, "a /runsync, a /run + /status, a /stream and a Python client example"
-    command, shown = pairs[index]
+    command, shown = examples(page, title)[index]
     script = command.replace(LOCAL, url).replace(".venv/bin/python", shlex.quote(sys.executable))
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
     assert uncached(without_ids(printed)) == uncached(without_ids(json.loads(shown)))
-    if isinstance(printed, dict):
+    if isinstance(printed, dict) and "status" in printed:
         assert printed["id"].startswith("test-")
 
 
-def test_the_runpod_runsync_example_shows_what_the_worker_returns(api_server):
-    """The deploy section's /runsync call, sent to the local server: the same job output."""
+def test_the_runpod_examples_show_what_the_worker_returns(api_server):
+    """The README's RunPod /runsync call, sent to the local server: the same job output; the same
+    job with `max_tokens` gets the error the README shows as the FAILED job's."""
     url, _ = api_server
-    blocks = FENCE.findall(section("Deploy on RunPod serverless"))
-    index = next(i for i, (lang, body) in enumerate(blocks) if lang == "bash" and "/runsync" in body)
-    event = json.loads(re.search(r"-d '(.*?)'", blocks[index][1], re.DOTALL).group(1))
-    lang, shown = blocks[index + 1]
-    assert lang == "json"
+    (_, call), (_, shown), (_, failed) = doc_blocks("README.md", "Call it on RunPod")
+    event = json.loads(re.search(r"-d '(.*?)'", call, re.DOTALL).group(1))
     assert uncached(post(f"{url}/runsync", event)["output"]) == uncached(json.loads(shown)["output"])
+    event["input"]["generation_config"] = {"max_tokens": 32}
+    (refused,) = post(f"{url}/runsync", event)["output"]  # the local server's COMPLETED list
+    assert json.loads(failed) == {"id": "sync-…", "status": "FAILED", "error": refused["error"]}
 
 
-def test_the_readme_explains_none_with_what_the_default_model_does(worker):
-    """The README's `none` examples: a bare question gets an empty answer, a sentence to complete works."""
-    text = section("The event and its output")
+def test_the_local_servers_differences_are_what_it_does(api_server):
+    """What the README says the SDK's local server lacks and does differently."""
+    url, _ = api_server
+    text = (ROOT / "README.md").read_text()
+    assert "It lacks** RunPod's `/openai/v1/...` paths" in text and "`/health`" in text and "`/cancel/<id>`" in text
+    for missing in ("/openai/v1/models", "/health", "/cancel/test-1"):
+        done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}{missing}"], capture_output=True, text=True)
+        assert done.stdout == "404", missing
+    for raw in ("hello", None):
+        done = subprocess.run(
+            ["curl", "-s", "-X", "POST", f"{url}/runsync", "-H", "Content-Type: application/json", "-d", json.dumps({"input": raw})],
+            capture_output=True, text=True,
+        )
+        assert "detail" in json.loads(done.stdout), done.stdout
+
+
+def test_the_docs_explain_none_with_what_the_default_model_does(worker):
+    """The event page's `none` examples: a bare question gets an empty answer, a sentence to complete works."""
+    text = (ROOT / "docs/events.md").read_text()
     assert "`What is the capital of France?` with an empty answer (1 token)" in text
     assert '`The capital of France is` (with `"stop": ["\\n"]`) as `Paris.`' in text
 

@@ -1,0 +1,124 @@
+"""The documentation: a README that leads (short, linking every page, links that resolve), and its
+"Serve your own model" recipe run end to end: an adapter trained by the command shown, served
+beside a base model from a local folder, answering through the native and the OpenAI door."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, doc_blocks, free_port, post
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower().replace("`", "")).replace(" ", "-") for heading in headings}
+
+
+def test_the_readme_leads_in_at_most_250_lines():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    titles = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
+    assert titles[:3] == ["Set-up: two commands", "Serve your own model", "Try it locally"]
+    assert {"Run it as a server", "Call it on RunPod", "Configuration", "Documentation"} <= set(titles)
+
+
+def test_every_page_is_linked_from_the_readme():
+    links = set(LINK.findall((ROOT / "README.md").read_text()))
+    for page in PAGES[1:]:
+        assert any(link.split("#")[0] == f"docs/{page.name}" for link in links), page.name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_link_resolves_to_a_file_and_heading(page):
+    for link in LINK.findall(page.read_text()):
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f"{page.name}: {link}"
+        if anchor:
+            assert anchor in anchors(path), f"{page.name}: {link} (anchors: {sorted(anchors(path))})"
+
+
+# ------------------------------------------------------------------ "Serve your own model", run
+def own_model_examples() -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The section's set-up commands (fine-tune, server), then each command with its output."""
+    blocks = doc_blocks("README.md", "Serve your own model")
+    assert [lang for lang, _ in blocks] == ["bash", "bash", "json", "bash", "text"]
+    setup = [command.strip() for command in blocks[0][1].replace("\\\n", " ").splitlines() if command.strip()]
+    assert len(setup) == 2 and "llm_worker.finetune" in setup[0] and "llm_worker.server" in setup[1]
+    return setup, [(blocks[i][1], *blocks[i + 1]) for i in range(1, len(blocks), 2)]
+
+
+@pytest.fixture(scope="module")
+def own_model(tmp_path_factory, base_model_dir):
+    """The section's commands with this machine's paths: the adapter trained into a temporary
+    ADAPTER_DIR, the server on a free port; yields a function that runs a shown command."""
+    adapters = tmp_path_factory.mktemp("adapters")
+    port = free_port()
+    shown_model = "model_cache/models/SmolLM2-135M-Instruct"
+
+    def local(text: str) -> str:
+        return (
+            text.replace("model_cache/adapters", str(adapters))
+            .replace(shown_model, str(base_model_dir))
+            .replace("localhost:8000", f"127.0.0.1:{port}")
+            .replace("--port 8000", f"--port {port}")
+            .replace(".venv/bin/python", shlex.quote(sys.executable))
+        )
+
+    (finetune, server), examples = own_model_examples()
+    trained = subprocess.run(["bash", "-c", local(finetune)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert re.fullmatch(r"trained 12 steps on 32 examples in \d+ s: loss [\d.]+ -> [\d.]+; adapter saved to \S+/gsm8k\n", trained.stdout)
+    clean = {key: value for key, value in os.environ.items() if key not in ("BASE_MODEL", "ADAPTER_DIR", "CHAT_TEMPLATE", "LORA_ADAPTERS")}
+    process = subprocess.Popen(["bash", "-c", local(server)], cwd=ROOT, env=clean, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.5)
+
+    def run(command: str) -> str:
+        done = subprocess.run(["bash", "-c", local(command)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    yield run, local, examples, url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_your_adapter_answers_through_both_doors(own_model):
+    run, local, examples, url = own_model
+    (curl, _, shown_native), (client, _, shown_openai) = examples
+    native, shown = json.loads(run(curl)), json.loads(local(shown_native))
+    assert native["adapter"] == "gsm8k" and native["output"]
+    text_free = lambda result: {**result, "output": None, "finish_reason": None, "usage": {**result["usage"], "completion_tokens": None}}  # noqa: E731
+    assert text_free(native) == text_free(shown)  # the answer's words depend on the machine that trained the adapter
+    models, *answer = run(client).splitlines()
+    assert models == local(shown_openai).splitlines()[0]
+    assert "\n".join(answer) == native["output"]  # the OpenAI door, CHAT_TEMPLATE=alpaca: the same answer
+    body = json.loads(re.search(r"-d '(.*?)'", curl, re.DOTALL).group(1))
+    del body["adapter"]
+    assert post(f"{url}/generate", body)["output"] != native["output"]  # the adapter changed the answer
