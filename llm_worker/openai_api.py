@@ -14,6 +14,7 @@ refused with OpenAI's error shape naming it, except the fields that only label a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
@@ -222,10 +223,42 @@ def parse(model: type[_Request], body: Any) -> _Request:
         item = err.errors(include_url=False)[0]
         param = _param(item["loc"])
         if item["type"] == "extra_forbidden":
-            raise OpenAIError(f"Unrecognized request argument supplied: {param} (this worker does not support it)", param) from None
+            meant = unknown_hint(model, param)
+            raise OpenAIError(
+                f"Unrecognized request argument supplied: {param} (this worker does not support it{'; ' + meant if meant else ''})", param
+            ) from None
         raise OpenAIError(f"{param}: {item['msg']}", param) from None
     refuse_unsupported(request)
     return request
+
+
+# Other APIs' names (the native event, transformers, TGI) for a parameter of this door.
+ALIASES = {
+    "max_new_tokens": "max_tokens",
+    "max_length": "max_tokens",
+    "stop_sequences": "stop",
+    "num_return_sequences": "n",
+    "random_seed": "seed",
+    "guided_grammar": "guided_regex or response_format",
+}
+NATIVE = ("prompt_config", "generation_config", "adapter")
+
+
+def unknown_hint(model: type[_Request], param: str) -> str | None:
+    """What an unknown top-level parameter was probably meant to be."""
+    if "." in param or "[" in param:
+        return None
+    chat = model is ChatRequest
+    if param in NATIVE:
+        return "a native event (prompt_config, generation_config, adapter) goes to POST /generate, or as a RunPod job's input"
+    if param == "prompt" and chat:
+        return "did you mean messages? a bare prompt goes to /v1/completions"
+    if param == "messages" and not chat:
+        return "did you mean prompt? messages go to /v1/chat/completions"
+    if param in ALIASES:
+        return f"did you mean {'max_completion_tokens or ' if chat and ALIASES[param] == 'max_tokens' else ''}{ALIASES[param]}?"
+    close = difflib.get_close_matches(param.lower(), list(model.model_fields), n=1, cutoff=0.75)
+    return f"did you mean {close[0]}?" if close else None
 
 
 def _param(loc: Sequence[str | int]) -> str:

@@ -209,6 +209,26 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(served, route, body
     assert "Paris" in chat(served, max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
 
 
+@pytest.mark.parametrize(
+    "route, body, hint",
+    [
+        (CHAT, {"max_new_tokens": 8}, "max_new_tokens (this worker does not support it; did you mean max_completion_tokens or max_tokens?)"),
+        (COMPLETIONS, {"prompt": "hi", "stop_sequences": ["x"]}, "stop_sequences (this worker does not support it; did you mean stop?)"),
+        (CHAT, {"prompt": "hi"}, "prompt (this worker does not support it; did you mean messages? a bare prompt goes to /v1/completions)"),
+        (COMPLETIONS, {"prompt": "hi", "messages": []}, "did you mean prompt? messages go to /v1/chat/completions"),
+        (COMPLETIONS, {"prompt": "hi", "temprature": 1}, "temprature (this worker does not support it; did you mean temperature?)"),
+        (CHAT, {"generation_config": {}}, "a native event (prompt_config, generation_config, adapter) goes to POST /generate"),
+        (COMPLETIONS, {"prompt": "hi", "zebra": 1}, "zebra (this worker does not support it)"),
+    ],
+)
+def test_an_unknown_parameter_gets_a_hint_when_it_names_one_we_have(served, route, body, hint):
+    if route == CHAT:
+        body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    error = call(served, route, **body)["error"]
+    assert error["message"].startswith("Unrecognized request argument supplied: ") and hint in error["message"]
+    assert error["param"] == error["message"].removeprefix("Unrecognized request argument supplied: ").split(" ")[0]
+
+
 @pytest.mark.parametrize("generation, field", [({"n": 0}, "generation_config.n"), ({"logprobs": 21}, "generation_config.logprobs"), ({"logprobs": 1, "num_beams": 2}, "generation_config")])
 def test_native_n_and_logprobs_are_bounded(served, generation, field):
     assert served.complete(job(FRANCE, **generation))["error"].startswith(f"{field}: ")

@@ -262,13 +262,13 @@ def test_each_request_is_named_in_the_logs_by_the_id_its_client_gets(served, cap
     plain = served.http.post("/generate", json=job(FRANCE, max_new_tokens=4))
     refused = served.http.post("/generate", json={"prompt": FRANCE})
     chat = served.openai().chat.completions.create(model=served.door.worker.loaded.name, messages=[{"role": "user", "content": FRANCE}], max_tokens=4)
-    lines = [record.getMessage() for record in caplog.records]
+    lines = [record.getMessage() for record in caplog.records if record.name == "llm_worker.jobs"]
     request_id = plain.headers["X-Request-Id"]
     assert request_id.startswith("gen-") and refused.headers["X-Request-Id"].startswith("gen-")
     assert [line for line in lines if line.startswith(f"Job {request_id} done: length, adapter -, ")]
-    assert f"Job {refused.headers['X-Request-Id']} refused: prompt_config: Field required" in lines[1]
+    assert lines[1].startswith(f"Job {refused.headers['X-Request-Id']} refused: prompt_config: Field required; prompt: ")
     assert [line for line in lines if line.startswith(f"Job {chat.id} done: length, ")]
-    assert not [line for line in lines if FRANCE in line]
+    assert len(lines) == 3 and not [record for record in caplog.records if FRANCE in record.getMessage()]
 
 
 def test_a_client_that_disconnects_cancels_its_request(served, caplog):
