@@ -80,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("llm_worker").setLevel(logging.INFO)  # load time, KV capacity, graph capture
+    logging.getLogger("llm_worker.jobs").setLevel(logging.WARNING)  # not a line per job: failures only
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("DEVICE", "auto") != "cpu" else "cpu"
     fixed_length = args.shape is not None
