@@ -120,17 +120,17 @@ def answers(results: dict[str, dict]) -> list[str]:
     return [text.strip() for text in texts if text and len(text.strip()) >= 4]
 
 
-def run_session(tmp_path, **env) -> tuple[FakeRunPod, str]:
-    """``handler.py`` in RunPod's job loop, fed ``session_jobs()`` until every result is back;
-    returns the queue and everything the process printed."""
-    queue = FakeRunPod(session_jobs())
+def run_session(tmp_path, jobs: list[dict], **env) -> tuple[FakeRunPod, str]:
+    """``handler.py`` in RunPod's job loop, fed ``jobs`` until every result is back; returns the
+    queue and everything the process printed."""
+    queue = FakeRunPod(jobs)
     log_file = tmp_path / "worker.log"
     clean = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPOD_", "LOG_LEVEL"))}
     with open(log_file, "w") as out:
         process = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env={**clean, **queue.env(), **env}, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 300
-        while len(queue.results) < len(session_jobs()):
+        while len(queue.results) < len(jobs):
             assert process.poll() is None, log_file.read_text()[-3000:]
             assert time.monotonic() < deadline, f"results: {sorted(queue.results)}\n{log_file.read_text()[-3000:]}"
             time.sleep(0.5)
@@ -146,7 +146,7 @@ def run_session(tmp_path, **env) -> tuple[FakeRunPod, str]:
 
 @pytest.fixture(scope="module")
 def default_session(tmp_path_factory, base_model_dir):
-    return run_session(tmp_path_factory.mktemp("logs"))
+    return run_session(tmp_path_factory.mktemp("logs"), session_jobs())
 
 
 def test_a_session_at_the_default_levels_logs_no_prompt_and_no_answer(default_session):
@@ -183,7 +183,7 @@ def test_a_refused_job_is_reported_to_runpod_as_failed(default_session):
 def test_the_sdks_debug_level_shows_the_outputs_only_when_the_operator_asks(tmp_path, default_session):
     """The same session with RUNPOD_LOG_LEVEL=DEBUG: the SDK prints each job's output (so the check
     above can fail); the worker never sets it."""
-    queue, logged = run_session(tmp_path, RUNPOD_LOG_LEVEL="DEBUG")
+    queue, logged = run_session(tmp_path, session_jobs()[:2], RUNPOD_LOG_LEVEL="DEBUG")
     assert any(text in logged for text in answers(queue.results))
 
 

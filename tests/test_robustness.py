@@ -199,7 +199,7 @@ def test_adversarial_variations_of_valid_events(handler_module, event):
     check_outcome(event, run_job(handler_module, event))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(event=valid_events())
 def test_every_valid_input_gets_an_answer(handler_module, event):
     chunks = run_job(handler_module, event)
