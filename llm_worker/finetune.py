@@ -8,6 +8,7 @@ function scales up on a GPU with more steps, a larger rank and a larger batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -106,8 +107,6 @@ def train_lora(
 
 def read_examples(path: str | Path) -> list[dict]:
     """Alpaca-format examples (``instruction``, ``input``, ``output``) from a JSON list or JSON lines."""
-    import json
-
     text = Path(path).read_text()
     rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
     missing = [i for i, row in enumerate(rows) if not isinstance(row, dict) or not {"instruction", "output"} <= row.keys()]

@@ -143,6 +143,19 @@ def api_server():
     yield from serve_api()
 
 
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until ``url`` answers with a success; fail if ``process`` exits or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:  # not listening yet, or an error status (503 while loading)
+            assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s"
+            time.sleep(0.5)
+
+
 def serve_api(**env: str):
     """Start the local API server (``env``: extra environment variables, e.g. DTYPE); yield
     (url, pid) once it answers, and stop it when resumed."""
@@ -155,17 +168,11 @@ def serve_api(**env: str):
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/docs", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, "the API server exited"
-            time.sleep(0.5)
-    else:
+    try:
+        wait_until_up(f"{base}/docs", process)
+    except AssertionError:
         process.kill()
-        pytest.fail("the local API server did not start")
+        raise
     yield base, process.pid
     process.terminate()
     process.wait(timeout=30)

@@ -9,12 +9,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, doc_blocks, free_port, post
+from conftest import ROOT, doc_blocks, free_port, post, wait_until_up
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -88,16 +86,7 @@ def own_model(tmp_path_factory, base_model_dir):
     process = subprocess.Popen(["bash", "-c", local(server)], cwd=ROOT, env=clean, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.5)
+    wait_until_up(f"{url}/health", process, seconds=180)
 
     def run(command: str) -> str:
         done = subprocess.run(["bash", "-c", local(command)], cwd=ROOT, capture_output=True, text=True, timeout=300)

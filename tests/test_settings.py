@@ -7,11 +7,9 @@ import logging
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from conftest import ROOT, free_port, job, post
+from conftest import ROOT, free_port, job, post, wait_until_up
 
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings, SettingsError
@@ -177,15 +175,7 @@ def test_the_local_api_server_with_bad_settings_stays_up_and_answers_every_job()
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "the worker exited"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the local API server did not start"
-                time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}/docs", server)
         expected = [{"error": "invalid configuration: MAX_CONCURRENCY='0': use a whole number from 1 to 1024"}]
         for _ in range(2):
             assert post(f"http://127.0.0.1:{port}/runsync", {"input": FRANCE})["output"] == expected
