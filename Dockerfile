@@ -50,8 +50,9 @@ RUN pip install --no-cache-dir -r requirements.txt \
 FROM deps AS baked
 ARG BASE_MODEL
 ARG LORA_WEIGHTS
-COPY llm_worker/__init__.py llm_worker/settings.py llm_worker/logs.py llm_worker/errors.py llm_worker/prompts.py llm_worker/
-COPY llm_worker/templates/ llm_worker/templates/
+COPY llm_worker/__init__.py llm_worker/settings.py llm_worker/logs.py llm_worker/errors.py llm_worker/
+COPY llm_worker/model/__init__.py llm_worker/model/prompts.py llm_worker/model/
+COPY llm_worker/model/templates/ llm_worker/model/templates/
 COPY model_cache/__init__.py model_cache/__main__.py model_cache/
 # An empty build argument is unset, not exported as "" (the settings would read BASE_MODEL="" as a
 # model folder). The token is read from the secret file for this one command only.
@@ -90,6 +91,6 @@ COPY llm_worker/ llm_worker/
 COPY handler.py test_input.json ./
 
 # The RunPod worker by default. The same image serves HTTP on a Pod or a VM:
-#   docker run --gpus all -p 8000:8000 -e API_KEY=... llm-worker python -m llm_worker.server --host 0.0.0.0
+#   docker run --gpus all -p 8000:8000 -e API_KEY=... llm-worker python -m llm_worker.doors.server --host 0.0.0.0
 EXPOSE 8000
 CMD ["python", "-u", "handler.py"]

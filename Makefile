@@ -21,7 +21,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 serve: install
 	$(PY) -m model_cache
-	$(PY) -m llm_worker.server --host $(HOST) --port $(PORT)
+	$(PY) -m llm_worker.doors.server --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) -m model_cache

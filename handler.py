@@ -11,7 +11,7 @@ import sys
 
 import runpod
 
-from llm_worker import jobs
+from llm_worker.doors import jobs
 from llm_worker.logs import configure_logging
 from llm_worker.service import Worker, collect
 

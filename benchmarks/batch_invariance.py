@@ -17,7 +17,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from os.path import commonprefix
 
-from llm_worker.benchmark import alpaca_workload
+from benchmarks.workloads import alpaca_workload
 from llm_worker.service import Worker
 from llm_worker.settings import Settings
 

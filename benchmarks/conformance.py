@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig as TransformersGenerationConfig
 
-from llm_worker.adapters import load_into
-from llm_worker.benchmark import alpaca_workload
+from llm_worker.model.adapters import load_into
+from benchmarks.workloads import alpaca_workload
 from llm_worker.engine import Completion, Engine, EngineError, Event, Failed, GenerationRequest
-from llm_worker.loading import load_model
+from llm_worker.model.loading import load_model
 from llm_worker.schema import GenerationConfig
 from llm_worker.service import Worker
 from llm_worker.settings import BASE_ADAPTER_NAME, Settings

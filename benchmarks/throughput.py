@@ -32,23 +32,19 @@ from pathlib import Path
 
 import torch
 
-from llm_worker.benchmark import (
-    ANSWER_SCHEMA,
-    alpaca_workload,
-    shared_prompt_workload,
+from benchmarks.baselines import SeedProcess, run_seed_baseline, run_transformers_batch
+from benchmarks.common import (
     build_random_llama,
     format_table,
     make_random_adapters,
     matmul_ceiling_tok_s,
     memory_bandwidth_gb_s,
-    SeedProcess,
     run_alternating,
     run_handler,
-    run_seed_baseline,
-    run_transformers_batch,
 )
-from llm_worker.constraints import Grammars
-from llm_worker.loading import weight_bytes
+from benchmarks.workloads import ANSWER_SCHEMA, alpaca_workload, shared_prompt_workload
+from llm_worker.engine.constraints import Grammars
+from llm_worker.model.loading import weight_bytes
 from llm_worker.settings import Settings
 from model_cache import prepare_default_model, resolve_base_model
 

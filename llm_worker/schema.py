@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from llm_worker.errors import InputError
-from llm_worker.prompts import template_names
+from llm_worker.model.prompts import template_names
 
 
 def _utf8(value: str) -> str:

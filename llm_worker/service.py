@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from llm_worker.adapters import AdapterError, AdapterManager
-from llm_worker.constraints import Grammars
-from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, TokenLogprob
-from llm_worker.loading import LoadedModel, load_model
+from llm_worker import native
+from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest
+from llm_worker.engine.constraints import Grammars
 from llm_worker.logs import job_log, log_refused
-from llm_worker.prompts import render_prompt
-from llm_worker.loading import adapter_name
+from llm_worker.model.adapters import AdapterError, AdapterManager
+from llm_worker.model.loading import LoadedModel, adapter_name, load_model
+from llm_worker.model.prompts import render_prompt
 from llm_worker.schema import GenerationConfig, InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.settings import Settings, SettingsError
 from model_cache import ModelSourceError
@@ -243,37 +243,13 @@ class Worker:
         return self.loaded.tokenizer.decode([token_id])
 
     # ------------------------------------------------------------------ outputs
-    def result(self, completion: Completion, adapter: str | None) -> dict[str, Any]:
-        """The job's output; ``adapter`` is the one that answered (the merged one, if any)."""
-        return {
-            "output": completion.text,
-            "finish_reason": completion.finish_reason,
-            "usage": usage(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens),
-            "model": self.loaded.name,
-            "adapter": adapter or self.adapters.merged,
-        }
-
-    def logprobs(self, items: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
-        """Native logprobs: one entry per generated token, with its alternatives."""
-        return [
-            {
-                "token": self.token_text(item.token_id),
-                "token_id": item.token_id,
-                "logprob": item.logprob,
-                "top_logprobs": [
-                    {"token": self.token_text(token_id), "token_id": token_id, "logprob": logprob} for token_id, logprob in item.top
-                ],
-            }
-            for item in items
-        ]
-
     def complete(self, raw: Any) -> dict[str, Any] | str:
         """Blocking: one native job input in, its folded output (or ``{"error": ...}``) out."""
         return blocking(lambda: collect(self.handle(raw)))
 
     async def handle(self, raw: Any, job_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """A native job's outputs: one result, or with ``stream`` the deltas, the last one carrying
-        ``finish_reason``, ``usage``, ``model`` and ``adapter`` (see ``answers`` for ``n`` > 1 and
+        ``finish_reason``, ``usage``, ``model`` and ``adapter`` (see ``native.answers`` for ``n`` > 1 and
         logprobs). Errors come out as ``{"error": ...}``. ``job_id`` names the job in the logs."""
         try:
             job, request = self.prepare(raw, job_id)
@@ -290,80 +266,10 @@ class Worker:
             yield self.adapters.listing()
             return
         try:
-            async for chunk in self.answers(job, request):
+            async for chunk in native.answers(self, job, request):
                 yield chunk
         except EngineError as err:
             yield {"error": str(err)}
-
-    async def answers(self, job: JobInput, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """A generation job's native outputs. With ``n`` > 1 the result is ``{"choices": [{"index",
-        "output", "finish_reason"}, ...], "usage", "model", "adapter"}`` and stream chunks carry an
-        ``index``, each choice's last one its ``finish_reason``, and a closing chunk the rest; with
-        ``logprobs`` every result and chunk carries the ``logprobs`` of its tokens."""
-        requests = self.choices(request)
-        n, with_logprobs = len(requests), request.logprobs is not None
-        pending = [Delta("") for _ in requests]  # each choice's newest text waits: its last chunk carries text and ending
-        sent = [0] * n  # logprobs already streamed, per choice
-        finished: dict[int, Completion] = {}
-
-        def chunk(index: int, text: str, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-            out: dict[str, Any] = {"index": index} if n > 1 else {}
-            out["delta"] = text
-            if with_logprobs:
-                out["logprobs"] = self.logprobs(logprobs)
-            sent[index] += len(logprobs)
-            return out
-
-        async for index, event in self.events(requests):
-            if isinstance(event, Delta):
-                if job.stream:
-                    if pending[index].text:
-                        yield chunk(index, pending[index].text, pending[index].logprobs)
-                        pending[index] = Delta("")
-                    pending[index] = Delta(pending[index].text + event.text, pending[index].logprobs + event.logprobs)
-                continue
-            finished[index] = event
-            if job.stream:
-                last = chunk(index, pending[index].text, (event.logprobs or [])[sent[index] :])
-                if n == 1:
-                    ending = self.result(event, request.adapter)
-                    del ending["output"]
-                else:
-                    ending = {"finish_reason": event.finish_reason}
-                yield {**last, **ending}
-        ordered = [finished[index] for index in range(n)]
-        if job.stream and n == 1:
-            return
-        summary = {
-            "usage": usage(
-                ordered[0].prompt_tokens, sum(done.completion_tokens for done in ordered), ordered[0].cached_tokens
-            ),
-            "model": self.loaded.name,
-            "adapter": request.adapter or self.adapters.merged,
-        }
-        if job.stream:
-            yield summary
-            return
-        answers = []
-        for index, done in enumerate(ordered):
-            answer = {"index": index, "output": done.text, "finish_reason": done.finish_reason}
-            if with_logprobs:
-                answer["logprobs"] = self.logprobs(done.logprobs or [])
-            answers.append(answer)
-        if n == 1:
-            (answer,) = answers
-            del answer["index"]
-            yield {**answer, **summary}
-        else:
-            yield {"choices": answers, **summary}
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, int]:
-    """Native usage; ``cached_tokens`` (prompt tokens the prefix cache held) only when there were some."""
-    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-    if cached_tokens:
-        counts["cached_tokens"] = cached_tokens
-    return counts
 
 
 def log_job(requests: Sequence[GenerationRequest], ends: Sequence[Completion | Failed | None], seconds: float, merged: str | None) -> None:

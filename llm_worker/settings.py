@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llm_worker.prompts import file_templates
+from llm_worker.model.prompts import file_templates
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BASE_ADAPTER_NAME = "base"
@@ -159,7 +159,7 @@ class Settings(Environment):
 
 
 class ServerSettings(Environment):
-    """The HTTP server's own variables (``python -m llm_worker.server``); the RunPod worker reads none."""
+    """The HTTP server's own variables (``python -m llm_worker.doors.server``); the RunPod worker reads none."""
 
     api_key: SecretStr | None = Field(
         None, description="Every route but / and /health needs Authorization: Bearer <API_KEY>; never logged."

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from pydantic import BaseModel
 
-from llm_worker.finetune import LoraTraining, train_lora
+from llm_worker.model.finetune import LoraTraining, train_lora
 from llm_worker.service import Worker
 from llm_worker.settings import Settings
 from model_cache import prepare_default_model

@@ -186,7 +186,7 @@ def tiny_llama_and_tokenizer(base_model_dir):
 def test_an_adapter_trained_with_a_resized_vocabulary_is_refused_naming_both_sizes(tiny_llama_and_tokenizer, tmp_path):
     from copy import deepcopy
 
-    from llm_worker.adapters import AdapterError, check_compatible
+    from llm_worker.model.adapters import AdapterError, check_compatible
 
     model, tokenizer = tiny_llama_and_tokenizer
     grown = deepcopy(model)
@@ -200,7 +200,7 @@ def test_an_adapter_trained_with_a_resized_vocabulary_is_refused_naming_both_siz
 def test_an_adapter_whose_tokenizer_adds_tokens_is_refused_and_one_with_the_base_tokenizer_is_not(tiny_llama_and_tokenizer, tmp_path):
     from copy import deepcopy
 
-    from llm_worker.adapters import AdapterError, check_compatible
+    from llm_worker.model.adapters import AdapterError, check_compatible
 
     model, tokenizer = tiny_llama_and_tokenizer
     get_peft_model(deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "plain")

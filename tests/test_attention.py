@@ -10,10 +10,10 @@ import transformers
 from transformers import AutoTokenizer
 from transformers.masking_utils import causal_mask_function, chunked_causal_mask_function, sliding_window_causal_mask_function
 
-from llm_worker.attention import LayerWindows, MaskRule, PoolView, UnsupportedModel
+from llm_worker.engine.attention import LayerWindows, MaskRule, PoolView, UnsupportedModel
 from llm_worker.engine import Engine, EngineConfig, GenerationRequest
-from llm_worker.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
-from llm_worker.runner import forward_step, run_view
+from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
+from llm_worker.engine.runner import forward_step, run_view
 from llm_worker.schema import GenerationConfig
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -142,7 +142,7 @@ def test_a_model_the_pool_cannot_serve_exactly_is_refused_at_start_naming_why(bu
 
 
 def test_the_start_log_names_the_attention_path_and_the_windows(tokenizer, caplog):
-    caplog.set_level(logging.INFO, logger="llm_worker.runner")
+    caplog.set_level(logging.INFO, logger="llm_worker.engine.runner")
     torch.manual_seed(0)
     config = transformers.Gemma2Config(**TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
     engine = Engine(transformers.Gemma2ForCausalLM(config).eval(), tokenizer, EngineConfig(max_seq_len=256, kv_cache_tokens=512))

@@ -8,7 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llm_worker.benchmark import SeedProcess, alpaca_workload, build_random_llama, matmul_ceiling_tok_s, run_alternating
+from benchmarks.baselines import SeedProcess
+from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, run_alternating
+from benchmarks.workloads import alpaca_workload
 
 
 def test_the_seed_and_the_engine_alternate_request_by_request_and_both_are_counted(started, base_model_dir, tmp_path):

@@ -21,10 +21,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
 from benchmarks.conformance import Answer, Case, Comparison, check, engine_answers, reference_answers
-from llm_worker.adapters import AdapterManager
+from llm_worker.model.adapters import AdapterManager
 from llm_worker.engine import Engine, EngineConfig, EngineError
-from llm_worker.loading import INT8_CAST_WARNING
-from llm_worker.prompts import render_prompt
+from llm_worker.model.loading import INT8_CAST_WARNING
+from llm_worker.model.prompts import render_prompt
 from llm_worker.settings import Settings
 
 MAX_NEW_TOKENS = 20

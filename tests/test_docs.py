@@ -57,7 +57,7 @@ def own_model_examples() -> tuple[list[str], list[tuple[str, str, str]]]:
     blocks = doc_blocks("README.md", "Serve your own model")
     assert [lang for lang, _ in blocks] == ["bash", "bash", "json", "bash", "text"]
     setup = [command.strip() for command in blocks[0][1].replace("\\\n", " ").splitlines() if command.strip()]
-    assert len(setup) == 2 and "llm_worker.finetune" in setup[0] and "llm_worker.server" in setup[1]
+    assert len(setup) == 2 and "llm_worker.model.finetune" in setup[0] and "llm_worker.doors.server" in setup[1]
     return setup, [(blocks[i][1], *blocks[i + 1]) for i in range(1, len(blocks), 2)]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import concurrently, job, seed_tasks, uncached
 
-from llm_worker.kv_cache import BLOCK_SIZE
+from llm_worker.engine.kv_cache import BLOCK_SIZE
 from llm_worker.service import collect
 
 FRANCE = "What is the capital of France?"

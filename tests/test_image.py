@@ -307,7 +307,7 @@ def test_weights_are_baked_before_the_rest_of_the_code(instructions):
     assert not missing, f"`python -m model_cache` imports files not copied before the bake: {missing}"
 
     early = copied_before(instructions, position)
-    for code in ("handler.py", "llm_worker/service.py", "llm_worker/engine.py"):
+    for code in ("handler.py", "llm_worker/service.py", "llm_worker/engine/loop.py"):
         assert ROOT / code not in early, f"{code} is copied before the bake: a code change would re-bake the weights"
     for later in (ROOT / "handler.py", ROOT / "llm_worker" / "service.py"):
         assert later in copied_before(instructions, len(instructions)), f"{later.name} never reaches the image"

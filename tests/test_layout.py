@@ -1,50 +1,114 @@
-"""The package's layering, read from its imports: the engine knows nothing above it, ``Worker``
-(service) imports no door, and no door imports another."""
+"""The package's layering, read from its imports, and the map of the code in docs/development.md.
+
+The tree reads engine / model / doors: the engine (``llm_worker/engine/``) knows nothing above it,
+the model side (``llm_worker/model/``) knows no engine, ``Worker`` (``service.py``) imports no
+door and no OpenAI shape, the OpenAI shapes (``llm_worker/openai/``) are shared by the doors
+and import none, and no door (``llm_worker/doors/``) imports another."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llm_worker"
-ENGINE = {"engine", "scheduler", "kv_cache", "runner", "sampling", "text", "beam_search", "attention", "constraints"}
-DOORS = {"jobs", "server"}  # the RunPod job door, the HTTP door
-SHAPING = {"openai_api"}  # OpenAI's objects, shared by the doors
-ABOVE_WORKER = DOORS | SHAPING | {"metrics"}
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "llm_worker"
+MODULES = sorted(
+    path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__") for path in PACKAGE.rglob("*.py")
+)
+BASE = {"llm_worker", "llm_worker.errors", "llm_worker.settings", "llm_worker.logs", "llm_worker.schema"}
+DOORS = {"llm_worker.doors.jobs", "llm_worker.doors.server", "llm_worker.doors.metrics"}
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 250
+
+
+def source(module: str) -> Path:
+    path = ROOT / Path(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imports(module: str) -> set[str]:
-    """The llm_worker modules ``module`` imports at run time (``if TYPE_CHECKING:`` blocks excluded)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """The project modules ``module`` imports at run time (``if TYPE_CHECKING:`` blocks excluded),
+    as dotted names: ``from llm_worker.engine import Engine`` is ``llm_worker.engine``."""
     found = set()
 
     def visit(node):
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
             return
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "llm_worker":
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("llm_worker."):
-                found.add(node.module.split(".")[1])
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("llm_worker."))
+            found.update(alias.name for alias in node.names)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
-    visit(tree)
-    return found
+    visit(ast.parse(source(module).read_text()))
+    return {name for name in found if name.split(".")[0] in ("llm_worker", "benchmarks")}
 
 
-@pytest.mark.parametrize("module", sorted(ENGINE))
-def test_the_engine_imports_nothing_above_it(module):
-    assert not imports(module) & (ABOVE_WORKER | {"service"})
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
-def test_the_worker_imports_no_door():
-    assert not imports("service") & ABOVE_WORKER
+def in_package(package: str) -> list[str]:
+    return [m for m in MODULES if within(m, package)]
 
 
-def test_no_door_imports_another():
-    for door in DOORS:
-        assert not imports(door) & (DOORS - {door}), door
-    assert not imports("openai_api") & (DOORS | {"service"})
+@pytest.mark.parametrize("module", in_package("llm_worker.engine"))
+def test_the_engine_imports_only_itself_the_model_side_and_the_base(module):
+    above = {m for m in imports(module) if not (within(m, "llm_worker.engine") or within(m, "llm_worker.model") or m in BASE)}
+    assert not above, f"{module} imports {above}"
+
+
+@pytest.mark.parametrize("module", in_package("llm_worker.model"))
+def test_the_model_side_imports_no_engine_worker_or_door(module):
+    above = {m for m in imports(module) if not (within(m, "llm_worker.model") or m in BASE)}
+    assert not above, f"{module} imports {above}"
+
+
+def test_the_worker_imports_no_door_and_no_openai_shape():
+    above = {m for m in imports("llm_worker.service") if within(m, "llm_worker.doors") or within(m, "llm_worker.openai")}
+    assert not above
+
+
+@pytest.mark.parametrize("module", in_package("llm_worker.openai"))
+def test_the_openai_shapes_import_no_door_and_need_no_worker_at_run_time(module):
+    assert not {m for m in imports(module) if within(m, "llm_worker.doors") or m == "llm_worker.service"}
+
+
+@pytest.mark.parametrize("door", sorted(DOORS))
+def test_no_door_imports_another(door):
+    others = DOORS - {door} - ({"llm_worker.doors.metrics"} if door == "llm_worker.doors.server" else set())
+    assert not imports(door) & others, door
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_the_serving_package_imports_no_benchmark_helper(module):
+    assert not {m for m in imports(module) if within(m, "benchmarks")}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_modules_and_classes_stay_small_enough_to_hold_in_mind(module):
+    text = source(module).read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{module}: {len(text.splitlines())} lines"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= MAX_CLASS_LINES, f"{module}.{node.name}: {length} lines"
+
+
+def test_the_development_guide_maps_every_module_of_the_tree():
+    guide = (ROOT / "docs" / "development.md").read_text()
+    table = guide[guide.index("## What's where") : guide.index("\n## ", guide.index("## What's where") + 1)]
+    named = set()
+    for cell in re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE):
+        paths = re.findall(r"`([^`]+)`", cell)
+        folder = paths[0].rpartition("/")[0] if paths else ""
+        named.update(path if list(ROOT.glob(path)) else f"{folder}/{path}" for path in paths)  # `a/b.py`, `c.py`: a/c.py
+    for path in named:
+        assert list(ROOT.glob(path)), f"docs/development.md names {path}, which is not in the tree"
+    files = {path.relative_to(ROOT).as_posix() for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    covered = {file for file in files if any(ROOT.joinpath(file) in ROOT.glob(path) for path in named)}
+    assert files == covered, f"modules missing from docs/development.md's map: {sorted(files - covered)}"

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, job, uncached
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llm_worker.loading import cpu_auto_dtype, fix_special_tokens, load_model, resolve_dtype
+from llm_worker.model.loading import cpu_auto_dtype, fix_special_tokens, load_model, resolve_dtype
 from llm_worker.settings import Settings
 from model_cache import is_complete_model_dir, prepare_default_model
 
@@ -61,7 +61,7 @@ def test_auto_dtype_on_cpu_follows_the_cpu_features(capabilities, expected, feat
 def test_auto_dtype_on_this_cpu_is_the_rule_on_its_features_at_every_start(base_model_dir, caplog):
     """No timing: the same machine and settings give the same dtype, whatever the load."""
     expected, reason = cpu_auto_dtype(torch.cpu.get_capabilities())
-    with caplog.at_level(logging.INFO, logger="llm_worker.loading"):
+    with caplog.at_level(logging.INFO, logger="llm_worker.model.loading"):
         assert [resolve_dtype("auto", torch.device("cpu")) for _ in range(3)] == [expected] * 3
     assert [record.getMessage() for record in caplog.records] == [
         f"DTYPE=auto on this CPU: {str(expected).removeprefix('torch.')} ({reason})"

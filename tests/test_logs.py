@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import pytest
 from conftest import ROOT, free_port, job
 
-from llm_worker import engine as engine_module
-from llm_worker import jobs
+from llm_worker.engine import lifecycle as engine_module
+from llm_worker.doors import jobs
 from llm_worker.settings import Settings
 from model_cache import ModelSourceError, resolve_adapter_source, resolve_base_model
 

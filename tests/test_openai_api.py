@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
-from llm_worker import jobs
+from llm_worker.doors import jobs
 from llm_worker.service import Worker, collect
 from llm_worker.settings import Settings
 

@@ -11,9 +11,9 @@ from conftest import seed_tasks, uncached
 from test_conformance import tiny_model
 
 from llm_worker.engine import Engine, EngineConfig, GenerationRequest
-from llm_worker.kv_cache import BLOCK_SIZE, BlockAllocator, prefix_hashes
+from llm_worker.engine.kv_cache import BLOCK_SIZE, BlockAllocator, prefix_hashes
 from llm_worker.schema import GenerationConfig
-from llm_worker import jobs
+from llm_worker.doors import jobs
 
 from transformers import AutoTokenizer
 

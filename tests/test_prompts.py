@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from llm_worker.prompts import file_templates, render_prompt, template_names
+from llm_worker.model.prompts import file_templates, render_prompt, template_names
 from llm_worker.schema import InputError
 
 FILE_TEMPLATES = ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne"]

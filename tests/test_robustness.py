@@ -16,7 +16,7 @@ from conftest import ROOT, concurrently, job, post, seed_tasks, serve_api, uncac
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_worker.prompts import template_names
+from llm_worker.model.prompts import template_names
 from llm_worker.schema import InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.service import Worker
 from llm_worker.settings import Settings

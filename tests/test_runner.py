@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llm_worker.attention import LayerWindows
-from llm_worker.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
+from llm_worker.engine.attention import LayerWindows
+from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
 import itertools
 
-from llm_worker.runner import (
+from llm_worker.engine.runner import (
     SEGMENT_COST_BLOCKS,
     StepInputs,
     StepRunner,

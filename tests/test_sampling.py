@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from llm_worker.sampling import BAD_ROW, BatchParams, SamplingParams, logits_to_probs, sample, sample_with_logprobs
+from llm_worker.engine.sampler import BAD_ROW, BatchParams, SamplingParams, logits_to_probs, sample, sample_with_logprobs
 
 VOCAB = 300
 NO_EOS = torch.zeros(VOCAB, dtype=torch.bool)

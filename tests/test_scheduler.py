@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from llm_worker.kv_cache import BLOCK_SIZE, BlockAllocator
-from llm_worker.scheduler import Scheduler, Slot
+from llm_worker.engine.kv_cache import BLOCK_SIZE, BlockAllocator
+from llm_worker.engine.scheduler import Scheduler, Slot
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from conftest import ROOT, doc_blocks, free_port, job, running, seed_tasks, stri
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from llm_worker.server import create_app
+from llm_worker.doors.server import create_app
 from llm_worker.settings import ServerSettings
 
 KEY = "sk-test-9f2c1e7d"
@@ -311,8 +311,8 @@ SERVER_COMMANDS = [(page, index) for page in PAGES for index in range(len(server
 @pytest.mark.parametrize("page", PAGES)
 def test_the_docs_start_the_server_as_make_serve_does(page):
     server, _ = server_examples(page)
-    assert server == ".venv/bin/python -m llm_worker.server --host 127.0.0.1 --port 8000"
-    assert "$(PY) -m llm_worker.server --host $(HOST) --port $(PORT)" in (ROOT / "Makefile").read_text()
+    assert server == ".venv/bin/python -m llm_worker.doors.server --host 127.0.0.1 --port 8000"
+    assert "$(PY) -m llm_worker.doors.server --host $(HOST) --port $(PORT)" in (ROOT / "Makefile").read_text()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the commands use curl")
@@ -330,7 +330,7 @@ def test_the_docs_server_commands_print_what_they_show(served, page, index):
 
 # ---------------------------------------------------------------------- its own process
 def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
-    """``python -m llm_worker.server``: /health says loading, then ok; on SIGTERM with requests in
+    """``python -m llm_worker.doors.server``: /health says loading, then ok; on SIGTERM with requests in
     flight, each gets its answer or an error within the grace period, and the process exits 0.
     Nothing it logged (at DEBUG) holds the API key."""
     port = free_port()
@@ -338,7 +338,7 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
     env = {**os.environ, "DTYPE": "float32", "API_KEY": KEY, "SHUTDOWN_GRACE_SECONDS": "2", "LOG_LEVEL": "DEBUG"}
     with open(log_file, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "llm_worker.server", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "llm_worker.doors.server", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
         )
     url = f"http://127.0.0.1:{port}"
     states = []

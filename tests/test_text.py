@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from llm_worker.text import REPLACEMENT, AnswerText
+from llm_worker.engine.text import REPLACEMENT, AnswerText
 
 SAMPLES = [
     "Bonjour, ça va très bien ! Déjà vu, naïve façade.",

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_worker.prompts import render_prompt
+from llm_worker.model.prompts import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def read_examples(path: str | Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m llm_worker.finetune --data FILE --out DIR``: a LoRA adapter for the worker's base
+    """``python -m llm_worker.model.finetune --data FILE --out DIR``: a LoRA adapter for the worker's base
     model (``BASE_MODEL``, or the embedded default), saved where ``ADAPTER_DIR`` serves it."""
     import argparse
     import time
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from llm_worker.settings import Settings
     from model_cache import resolve_base_model
 
-    parser = argparse.ArgumentParser(prog="python -m llm_worker.finetune", description=main.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llm_worker.model.finetune", description=main.__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="Alpaca-format examples: a JSON list or JSON lines")
     parser.add_argument("--out", required=True, help="the adapter folder (e.g. model_cache/adapters/NAME)")
     parser.add_argument("--examples", type=int, default=None, help="use the first N examples (default: all)")

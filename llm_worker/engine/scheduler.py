@@ -10,7 +10,8 @@ use) is passed over, so it never holds up the base model or other adapters.
 Prefill is chunked under a per-step token budget and interleaved with decoding: each engine step
 prefills at most ``budget`` prompt tokens, then decodes one token for every running request. A
 prompt longer than the budget is split at fixed offsets (multiples of the budget), so its
-computation is the same alone and in a crowd.
+computation is the same alone and in a crowd. The step's chunks run as a few forward passes of
+similar widths (``group_by_width``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from llm_worker.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_for
+from llm_worker.engine.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_for
+
+MAX_PADDING_RATIO = 1.25  # a prefill forward computes at most this many padded tokens per real one
 
 
 @dataclass
@@ -142,3 +145,20 @@ class Scheduler(Generic[S]):
             self.waiting.remove(seq)
         self.allocator.release(seq.slot.blocks)
         seq.slot.blocks = []
+
+
+def group_by_width(chunks: list[PrefillChunk[S]]) -> list[list[PrefillChunk[S]]]:
+    """A step's prompt chunks cut into a few forward passes of similar widths (little padding)."""
+    groups: list[list[PrefillChunk[S]]] = []
+    group: list[PrefillChunk[S]] = []
+    real = 0
+    for chunk in sorted(chunks, key=lambda c: c.length):
+        padded = chunk.length * (len(group) + 1)
+        if group and padded > MAX_PADDING_RATIO * (real + chunk.length):
+            groups.append(group)
+            group, real = [], 0
+        group.append(chunk)
+        real += chunk.length
+    if group:
+        groups.append(group)
+    return groups

@@ -1,8 +1,8 @@
 """Beam search (``num_beams > 1``): transformers' ``generate``, outside the KV pool.
 
 It runs on the engine thread, one request at a time, with the model's own kernels and masks (the
-pool's attention implementation materialises them for ``generate``'s cache). It stops early when
-its request is cancelled or runs past its deadline.
+pool's attention implementation materialises them for ``generate``'s cache); while it runs, the
+other requests wait. It stops early when its request is cancelled or runs past its deadline.
 """
 
 from __future__ import annotations
@@ -13,9 +13,33 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from llm_worker.runner import adapter_state
-from llm_worker.sampling import MIN_TEMPERATURE, SamplingParams
+from llm_worker.engine.adapter_rows import adapter_state
+from llm_worker.engine.lifecycle import Lifecycle
+from llm_worker.engine.sampler import MIN_TEMPERATURE, SamplingParams
+from llm_worker.engine.sequence import Sequence
 from llm_worker.schema import GenerationConfig
+
+
+def answer_with_beams(seq: Sequence, model, life: Lifecycle, eos_ids: list[int], pad_id: int) -> None:
+    """A beam-search request from its admission to its end, counted as running meanwhile; the
+    best beam's tokens are accepted as a decoded answer's would be (stop strings, length)."""
+    scheduler = life.scheduler
+    scheduler.prefilling.remove(seq)
+    scheduler.running.append(seq)
+    deadline = seq.submitted + life.max_job_seconds if life.max_job_seconds else None
+    request = seq.request
+    tokens = beam_search(
+        model, request.prompt_ids, request.config, seq.params, request.adapter,
+        eos_ids, pad_id, seq.handle.cancelled, deadline,
+    )
+    if seq.handle.cancelled.is_set():
+        life.release(seq, "cancelled")
+        return
+    for token in tokens:
+        life.accept(seq, token)
+        if seq.finish_reason is not None:
+            return
+    life.finish(seq, "time_limit" if deadline and time.monotonic() > deadline else "length")
 
 
 def beam_search(

@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-from llm_worker.kv_cache import BLOCK_SIZE, KVPool, Segment, blocks_for
+from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, Segment, blocks_for
 
 POOL_SDPA = "llm_worker_pool"
 POOL_EAGER = "llm_worker_pool_eager"

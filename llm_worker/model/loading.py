@@ -147,7 +147,7 @@ def merge_lora(model, settings: Settings, tokenizer):
     """MERGE_LORA=1: fold LORA_WEIGHTS into the base weights (no per-step LoRA cost)."""
     from peft import PeftModel
 
-    from llm_worker.adapters import check_compatible
+    from llm_worker.model.adapters import check_compatible
 
     folder = resolve_adapter_source(settings.lora_weights, settings)
     name = adapter_name(settings.lora_weights)

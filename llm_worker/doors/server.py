@@ -1,7 +1,7 @@
 """The HTTP door, for Pods, VMs and workstations: the seed's REST API and OpenAI's over one
 ``Worker``, served by uvicorn.
 
-    python -m llm_worker.server --host 127.0.0.1 --port 8000
+    python -m llm_worker.doors.server --host 127.0.0.1 --port 8000
 
 - ``GET /``: alive, as the seed. ``GET /health``: 200 once the model is loaded, else 503 and why.
 - ``POST /generate``: a native event (the seed's ``generation_config`` + ``prompt_config``, and
@@ -34,16 +34,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm_worker import openai_api
+from llm_worker import openai
 from llm_worker.engine import EngineError
 from llm_worker.errors import InputError
 from llm_worker.logs import configure_logging
-from llm_worker.metrics import CONTENT_TYPE, Metrics
-from llm_worker.openai_api import OpenAIError
+from llm_worker.doors.metrics import CONTENT_TYPE, Metrics
+from llm_worker.openai import OpenAIError
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, SettingsError
 
-log = logging.getLogger("llm_worker.server")  # also when run as __main__
+log = logging.getLogger("llm_worker.doors.server")  # also when run as __main__
 
 OPENAI_PREFIX = "/v1/"
 PUBLIC_PATHS = ("/", "/health")
@@ -112,7 +112,7 @@ class Door:
     def ready(self) -> Worker:
         reason = self.unavailable()
         if reason:
-            raise Failure(503, reason, openai=openai_api.unavailable(reason))
+            raise Failure(503, reason, openai=openai.unavailable(reason))
         return self.worker
 
     def authorize(self, request: Request) -> None:
@@ -224,7 +224,7 @@ async def native_events(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator
     """A native job's outputs as server-sent events, one per output."""
     async with aclosing(outputs):
         async for chunk in outputs:
-            yield openai_api.sse(chunk)
+            yield openai.sse(chunk)
 
 
 def is_error(event: str) -> bool:
@@ -314,15 +314,15 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
 
         return await door.whole("/generate", request, answer())
 
-    @app.get(openai_api.MODELS)
+    @app.get(openai.MODELS)
     async def models() -> JSONResponse:
-        return JSONResponse(openai_api.models(door.ready()))
+        return JSONResponse(openai.models(door.ready()))
 
     async def openai_route(request: Request, route: str) -> Response:
         worker = door.ready()
         body = await read_json(request, worker.limits.max_input_bytes)
         try:
-            response = openai_api.open_request(worker, route, body)
+            response = openai.open_request(worker, route, body)
         except OpenAIError as err:
             raise Failure.of(err) from None
         if response.streaming:
@@ -332,18 +332,18 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
             try:
                 return JSONResponse(await response.whole_answer())
             except EngineError as err:
-                failure = openai_api.server_error(err)
+                failure = openai.server_error(err)
                 return JSONResponse(failure.body, door.engine_status())
 
         return await door.whole(route, request, answer())
 
-    @app.post(openai_api.CHAT)
+    @app.post(openai.CHAT)
     async def chat_completions(request: Request) -> Response:
-        return await openai_route(request, openai_api.CHAT)
+        return await openai_route(request, openai.CHAT)
 
-    @app.post(openai_api.COMPLETIONS)
+    @app.post(openai.COMPLETIONS)
     async def completions(request: Request) -> Response:
-        return await openai_route(request, openai_api.COMPLETIONS)
+        return await openai_route(request, openai.COMPLETIONS)
 
     return app
 
@@ -362,7 +362,7 @@ class Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_worker.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llm_worker.doors.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, as in a container)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)

@@ -1,31 +1,22 @@
-"""The step runner: one forward pass over fixed-shape inputs, eager or as a replayed CUDA graph.
+"""The step runner: owns the KV pool and the device-side buffers, and runs one forward pass
+(``forward.py``) over a step's rows, eager or as a replayed CUDA graph (``graphs.py``).
 
-``forward_step`` is the whole device side of a step, a pure function of tensors (gpt-fast's
-``decode_one_token``): positions, the pool slots to write and the block tables come in as
-tensors the host filled; the model's own masks are evaluated at those positions on the device
-(``attention.py``); the logits of each row's last column come out. Nothing in it reads a tensor
-back to the host, so it captures as a CUDA graph (the layers' sliding windows, which set how
-many blocks a read copies, are learned once, at the probe step of ``StepRunner``).
-
-On CUDA, decoding steps run as CUDA graphs, one per (adapter, rows bucket, context bucket): the
-host copies its inputs into the graph's static buffers and replays it. Buckets pad rows (to
-1, 2, 4, 8, 16, 24, 32, 48, ...) and context blocks (to powers of two); padding rows write to and
-read from the scratch block. A graph is captured the first time its bucket is used (the smallest
-contexts at start), logged with its capture time. Prefill chunks and steps that mix adapters run
-eagerly. On the CPU every step runs eagerly, unpadded.
+On CUDA a decoding step replays a graph captured for its (adapter, rows, context) bucket, the
+first time that bucket is used (the smallest contexts at start), logged with its capture time.
+Prefill chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into
+segments of similar length. On the CPU every step runs eagerly, unpadded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from llm_worker.attention import (
+from llm_worker.engine.adapter_rows import adapter_groups, adapter_state
+from llm_worker.engine.attention import (
     LayerWindows,
     PoolView,
     UnsupportedModel,
@@ -34,199 +25,17 @@ from llm_worker.attention import (
     check_probe,
     use_pool_attention,
 )
-from llm_worker.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
-from llm_worker.loading import weight_bytes
+from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_view
+from llm_worker.engine.graphs import CapturedStep, block_buckets, bucket, row_buckets
+from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
+from llm_worker.model.loading import weight_bytes
 
 log = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 GRAPH_CONTEXT_BLOCKS_AT_START = 16  # graphs for contexts up to 256 tokens are captured at start
 # What one more segment of rows costs in a forward (per layer: a copy and an attention call more),
 # counted in blocks of context copied for one row; measured on the CPU, ~45 us against ~3 us.
 SEGMENT_COST_BLOCKS = 16
-
-
-def forward_step(
-    model: torch.nn.Module,
-    pool: KVPool,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    write_index: torch.Tensor,
-    block_table: torch.Tensor,
-    segments: tuple[Segment, ...] | None = None,
-    windows: LayerWindows | None = None,
-    **model_kwargs,
-) -> torch.Tensor:
-    """One forward pass. ``input_ids``/``positions``: [rows, width] (left padding at position 0);
-    ``write_index``: [rows * width] flat pool positions for the new keys/values; ``block_table``:
-    [rows, blocks]; ``segments`` (host ints): rows that read fewer blocks than the table's width;
-    ``windows``: the layers' sliding windows, learned once. No mask goes in: the model builds its
-    own mask rules and the pool's attention evaluates them at these positions. Returns the
-    logits of each row's last column, [rows, vocab]."""
-    return run_view(model, input_ids, PoolView(pool, write_index, block_table, positions, segments, windows), **model_kwargs)
-
-
-def run_view(model: torch.nn.Module, input_ids: torch.Tensor, view: PoolView, **model_kwargs) -> torch.Tensor:
-    use_pool_attention(model)
-    output = model(
-        input_ids=input_ids,
-        position_ids=view.positions,
-        cache=view,
-        use_cache=True,
-        logits_to_keep=1,
-        **model_kwargs,
-    )
-    return output.logits[:, -1, :]
-
-
-@dataclass
-class StepInputs:
-    """One forward pass as the host lays it out (lists of Python ints). Block tables may be of
-    different lengths; a row reads the blocks its positions need."""
-
-    input_ids: list[list[int]]
-    positions: list[list[int]]
-    write_index: list[int]
-    block_table: list[list[int]]
-
-    @property
-    def context_lengths(self) -> list[int]:
-        return [max(positions) + 1 for positions in self.positions]
-
-    def take(self, rows: list[int]) -> StepInputs:
-        """These rows, in this order, each row's table cut to the blocks it reads."""
-        width = len(self.input_ids[0])
-        lengths = self.context_lengths
-        return StepInputs(
-            [self.input_ids[i] for i in rows],
-            [self.positions[i] for i in rows],
-            [index for i in rows for index in self.write_index[i * width : (i + 1) * width]],
-            [self.block_table[i][: blocks_for(lengths[i])] for i in rows],
-        )
-
-
-AdapterState = tuple[Callable[[], contextlib.AbstractContextManager], dict, str | None]
-
-
-def adapter_state(model, names: list[str | None]) -> AdapterState:
-    """How to run rows that use these adapters (None: the base model): a context to run in (a
-    factory: capture enters it twice), the forward's extra arguments, and a key naming the state
-    for graph capture (None: mixed, run eagerly). One shared adapter becomes PEFT's active
-    adapter; a mix uses PEFT's per-row ``adapter_names`` (only where ``adapter_groups`` allows)."""
-    if not hasattr(model, "peft_config"):
-        return contextlib.nullcontext, {}, BASE_ADAPTER
-    distinct = set(names)
-    if distinct == {None}:
-        return model.disable_adapter, {}, BASE_ADAPTER
-    if len(distinct) == 1:
-        (name,) = distinct
-        if model.active_adapter != name:
-            model.set_adapter(name)
-        return contextlib.nullcontext, {}, name
-    return contextlib.nullcontext, {"adapter_names": [n or BASE_ADAPTER for n in names]}, None
-
-
-def adapter_groups(model, names: list[str | None]) -> list[list[int]]:
-    """Rows that run as one forward: all of them, unless they use several adapters and PEFT
-    cannot mix the loaded ones per row; then one forward per adapter, so that no answer depends
-    on what shares its step."""
-    if len(set(names)) == 1 or all(mixable(config) for config in getattr(model, "peft_config", {}).values()):
-        return [list(range(len(names)))]
-    groups: dict[str | None, list[int]] = {}
-    for row, name in enumerate(names):
-        groups.setdefault(name, []).append(row)
-    return list(groups.values())
-
-
-def mixable(config) -> bool:
-    """Whether PEFT's per-row ``adapter_names`` serves this adapter exactly: plain LoRA only.
-    PEFT refuses DoRA there, and a loaded adapter with ``modules_to_save`` (or trainable tokens)
-    breaks every mixed forward, even one it is not part of."""
-    return not (
-        getattr(config, "use_dora", False)
-        or getattr(config, "modules_to_save", None)
-        or getattr(config, "trainable_token_indices", None)
-        or getattr(config, "target_parameters", None)
-        or getattr(config, "lora_bias", False)
-    )
-
-
-def bucket(value: int, sizes: list[int]) -> int:
-    return next(size for size in sizes if size >= value)
-
-
-def row_buckets(max_rows: int) -> list[int]:
-    """1, 2, 4, 8, 16, 24, 32, 48, 64, 96, ... up to ``max_rows``."""
-    sizes, size = [1, 2, 4, 8], 16
-    while size < max_rows:
-        sizes += [size, size * 3 // 2]
-        size *= 2
-    return sorted({s for s in sizes if s < max_rows} | {max_rows})
-
-
-def block_buckets(max_blocks: int) -> list[int]:
-    sizes, size = [], 1
-    while size < max_blocks:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max_blocks]
-
-
-class CapturedStep:
-    """A decoding step of fixed shape recorded as a CUDA graph, with its static inputs. Without
-    CUDA (``StepRunner(static_shapes=True)`` on the CPU, for tests) the same static buffers and
-    padding run eagerly at each replay."""
-
-    def __init__(self, runner: StepRunner, rows: int, blocks: int, context, kwargs: dict) -> None:
-        self.rows, self.blocks = rows, blocks
-        buffers = runner.static
-        self.input_ids = buffers["input_ids"][:rows]
-        self.positions = buffers["positions"][:rows]
-        self.write_index = buffers["write_index"][:rows]
-        self.block_table = buffers["block_table"][:rows, :blocks]
-        self.pinned = runner.pinned
-        for tensor in (self.input_ids, self.positions, self.write_index, self.block_table):
-            tensor.zero_()  # padding: every write and read goes to the scratch block
-        args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
-        kwargs = {**kwargs, "windows": runner.windows}
-        self.graph = None
-        if not runner.use_graphs:
-            self._eager = lambda: forward_step(*args, **kwargs)
-            self._context = context
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with context(), torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires
-                forward_step(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.logits = forward_step(*args, **kwargs)
-
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        count = len(inputs.input_ids)
-        rows = [
-            [ids[0], pos[0], write, *table]
-            for ids, pos, write, table in zip(inputs.input_ids, inputs.positions, inputs.write_index, inputs.block_table)
-        ]
-        host = self.pinned[: count * (3 + self.blocks)].view(count, 3 + self.blocks)
-        host.copy_(torch.tensor(rows, dtype=torch.long))  # the previous step's copy ended: its tokens were read
-        staged = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:count, 0] = staged[:, 0]
-        self.positions[:count, 0] = staged[:, 1]
-        self.write_index[:count] = staged[:, 2]
-        self.block_table[:count] = staged[:, 3:]
-        if count < self.rows:  # rows left from a bigger batch: back to scratch
-            self.input_ids[count:] = 0
-            self.positions[count:] = 0
-            self.write_index[count:] = SCRATCH_BLOCK * BLOCK_SIZE
-            self.block_table[count:] = SCRATCH_BLOCK
-        if self.graph is None:
-            with self._context():
-                return self._eager()[:count]
-        self.graph.replay()
-        return self.logits[:count]
 
 
 class StepRunner:
@@ -413,9 +222,3 @@ def split_by_context(lengths: list[int], kv_bytes_per_token: int, weights: int) 
     if best_split is None:
         return [list(range(len(lengths)))]
     return [sorted(order[:best_split]), sorted(order[best_split:])]
-
-
-def pad_tables(tables: list[list[int]], width: int | None = None) -> list[list[int]]:
-    """Block tables padded with the scratch block to ``width`` (default: the longest)."""
-    width = width or max(len(table) for table in tables)
-    return [table + [SCRATCH_BLOCK] * (width - len(table)) for table in tables]

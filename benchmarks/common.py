@@ -1,0 +1,222 @@
+"""Throughput measurement: the seed's one-at-a-time ``model.generate`` against the engine.
+
+The engine is driven through a RunPod-style async handler (``job -> async iterator of chunks``)
+with streaming on, so time to first token is seen as a client sees it. Everything is measured in
+one run on the same machine; figures are reported against the machine's memory bandwidth
+(decoding reads every weight once per step), gpt-fast style.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from benchmarks.baselines import SeedProcess
+
+Handler = Callable[[dict], AsyncIterator[dict]]
+
+
+@dataclass
+class RunStats:
+    label: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    ttft: list[float]
+    latency: list[float]
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def percentile(self, values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "run": self.label,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "tok_s": round(self.tok_s, 1),
+            "p50_ttft_s": round(self.percentile(self.ttft, 0.5), 3),
+            "p95_ttft_s": round(self.percentile(self.ttft, 0.95), 3),
+            "p50_latency_s": round(self.percentile(self.latency, 0.5), 2),
+            "p95_latency_s": round(self.percentile(self.latency, 0.95), 2),
+        }
+
+
+async def run_alternating(handler: Handler, seed: SeedProcess, jobs: list[dict], label: str = "engine") -> tuple[RunStats, RunStats]:
+    """The seed's way and the engine one request at a time, alternating request by request
+    (after one warm-up request each); returns (seed, engine c=1)."""
+    seed.generate(jobs[0])
+    await run_handler(handler, jobs[:1], 1)
+    seed_tokens, seed_times, engine_runs = 0, [], []
+    for job in jobs:
+        tokens, seconds = seed.generate(job)
+        seed_tokens += tokens
+        seed_times.append(seconds)
+        engine_runs.append(await run_handler(handler, [job], 1, label))
+    baseline = RunStats(
+        f"seed: sequential model.generate, {seed.dtype}", 1, len(jobs), seed_tokens, sum(seed_times), seed_times, seed_times
+    )
+    engine = RunStats(
+        f"{label} c=1", 1, len(jobs), sum(r.tokens for r in engine_runs), sum(r.seconds for r in engine_runs),
+        [t for r in engine_runs for t in r.ttft], [t for r in engine_runs for t in r.latency],
+    )
+    return baseline, engine
+
+
+LLAMA_SHAPES = {
+    # LLaMA-7B (hidden 4096, MLP 11008, 32 layers, 32 heads): 6.88 B parameters with the SmolLM2 vocabulary
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # a few MB, to try the whole benchmark on a CPU before spending GPU time
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+}
+
+
+def build_random_llama(shape: str, tokenizer_dir: Path, folder: Path, device: str, dtype: str) -> Path:
+    """A LLaMA-shaped model with random weights and the embedded model's tokenizer, saved as a
+    normal model folder (no download). Random weights rarely end an answer: use ``fixed_length``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        **LLAMA_SHAPES[shape],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return folder
+
+
+async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, label: str = "engine") -> RunStats:
+    """Send ``jobs`` through the handler, at most ``concurrency`` at once, streaming."""
+    gate = asyncio.Semaphore(concurrency)
+    ttft, latency, tokens = [], [], []
+
+    async def one(index: int, job: dict) -> None:
+        async with gate:
+            t0 = time.perf_counter()
+            first = None
+            async for chunk in handler({"id": f"bench-{index}", "input": job}):
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                if first is None:
+                    first = time.perf_counter() - t0
+                if "usage" in chunk:
+                    tokens.append(chunk["usage"]["completion_tokens"])
+            ttft.append(first)
+            latency.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs)))
+    seconds = time.perf_counter() - started
+    return RunStats(f"{label} c={concurrency}", concurrency, len(jobs), sum(tokens), seconds, ttft, latency)
+
+
+def make_random_adapters(base_model_dir: Path, folder: Path, count: int, rank: int = 8) -> list[str]:
+    """``count`` LoRA adapters (Alpaca-LoRA's recipe: rank 8 on q/v) with random weights: they cost
+    what trained ones cost, which is all a throughput run needs. Returns their names."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    names = []
+    for index in range(count):
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(index)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.01)
+        names.append(f"bench-lora-{index}")
+        model.save_pretrained(folder / names[-1])
+    return names
+
+
+def memory_bandwidth_gb_s(device: str = "cpu", size_mb: int = 1024, repeats: int = 5) -> float:
+    """Measured memory bandwidth, best of a few: reading a large tensor on the CPU (summing it); on
+    CUDA, a device-to-device copy counted as read + write."""
+    if device.startswith("cuda"):
+        source = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
+        target = torch.empty_like(source)
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            target.copy_(source)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * source.numel() * 4 / best / 1e9
+    data = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t0)
+    return data.numel() * 4 / best / 1e9
+
+
+def matmul_ceiling_tok_s(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float:
+    """Tokens per second of steps of ``rows`` rows that did nothing but the model's matrix
+    products (every floating-point ``nn.Linear`` once, the output layer included), timed with
+    this machine's torch kernels: no engine can go past it with these kernels and this dtype.
+    On a CPU, torch's matrix-vector kernels read the weights well below memory speed. One input
+    per width and dtype: PEFT keeps LoRA weights in fp32 beside a bf16 or fp16 base."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point]
+    device = weights[0].device
+    inputs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype, device=device) for w in weights}
+
+    def one_step() -> float:
+        synchronize(device.type)
+        t0 = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1], weight.dtype], weight)
+        synchronize(device.type)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        one_step()  # warm-up
+        best = min(one_step() for _ in range(repeats))
+    return rows / best
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    headers = list(rows[0])
+    widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
+    lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(str(r[h]).ljust(w) for h, w in zip(headers, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

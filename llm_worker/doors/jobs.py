@@ -1,0 +1,59 @@
+"""The RunPod job door: a job's input is a native event, or an OpenAI request that RunPod's
+gateway forwards as ``{"openai_route": ..., "openai_input": ...}``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llm_worker import openai
+from llm_worker.engine import EngineError
+from llm_worker.service import Worker, blocking, collect
+
+
+async def handle(worker: Worker, raw: Any, job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
+    """A job's outputs, as the handler yields them: native dicts, or the OpenAI door's objects
+    and server-sent-event lines. ``job_id`` (RunPod's) names the job in the logs."""
+    if isinstance(raw, dict) and "openai_route" in raw:
+        chunks = openai_job(worker, raw, job_id)
+    else:
+        chunks = worker.handle(raw, job_id)
+    async for chunk in chunks:
+        yield chunk
+
+
+def complete(worker: Worker, raw: Any, job_id: str | None = None) -> dict[str, Any] | str:
+    """Blocking: a job's folded output, as the RunPod SDK's aggregated stream would return it."""
+    return blocking(lambda: collect(handle(worker, raw, job_id)))
+
+
+async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
+    """A gateway job's outputs: the response object, or the stream's SSE lines; errors in
+    OpenAI's error shape (an error after a stream began is one more ``data:`` line)."""
+    route = job.get("openai_route")
+    try:
+        if worker.load_error:
+            raise openai.unavailable(worker.load_error)
+        if route == openai.MODELS:
+            yield openai.models(worker)
+            return
+        if route not in (openai.CHAT, openai.COMPLETIONS):
+            raise openai.OpenAIError(
+                f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS} "
+                f"and {openai.MODELS}",
+                "openai_route",
+                "unknown_route",
+                status=404,
+            )
+        response = openai.open_request(worker, route, job.get("openai_input"), job_id)
+    except openai.OpenAIError as err:
+        yield err.body
+        return
+    if response.streaming:
+        async for line in response.sse():
+            yield line
+        return
+    try:
+        yield await response.whole_answer()
+    except EngineError as err:
+        yield openai.server_error(err).body

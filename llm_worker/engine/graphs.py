@@ -1,0 +1,96 @@
+"""Decoding steps captured as CUDA graphs: one per (adapter, rows bucket, context bucket).
+
+The host copies a step's inputs into the graph's static buffers and replays it. Buckets pad rows
+(to 1, 2, 4, 8, 16, 24, 32, 48, ...) and context blocks (to powers of two); padding rows write to
+and read from the scratch block.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from llm_worker.engine.forward import StepInputs, forward_step
+from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK
+
+if TYPE_CHECKING:
+    from llm_worker.engine.runner import StepRunner
+
+
+def bucket(value: int, sizes: list[int]) -> int:
+    return next(size for size in sizes if size >= value)
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, 48, 64, 96, ... up to ``max_rows``."""
+    sizes, size = [1, 2, 4, 8], 16
+    while size < max_rows:
+        sizes += [size, size * 3 // 2]
+        size *= 2
+    return sorted({s for s in sizes if s < max_rows} | {max_rows})
+
+
+def block_buckets(max_blocks: int) -> list[int]:
+    sizes, size = [], 1
+    while size < max_blocks:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_blocks]
+
+
+class CapturedStep:
+    """A decoding step of fixed shape recorded as a CUDA graph, with its static inputs. Without
+    CUDA (``StepRunner(static_shapes=True)`` on the CPU, for tests) the same static buffers and
+    padding run eagerly at each replay."""
+
+    def __init__(self, runner: StepRunner, rows: int, blocks: int, context, kwargs: dict) -> None:
+        self.rows, self.blocks = rows, blocks
+        buffers = runner.static
+        self.input_ids = buffers["input_ids"][:rows]
+        self.positions = buffers["positions"][:rows]
+        self.write_index = buffers["write_index"][:rows]
+        self.block_table = buffers["block_table"][:rows, :blocks]
+        self.pinned = runner.pinned
+        for tensor in (self.input_ids, self.positions, self.write_index, self.block_table):
+            tensor.zero_()  # padding: every write and read goes to the scratch block
+        args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
+        kwargs = {**kwargs, "windows": runner.windows}
+        self.graph = None
+        if not runner.use_graphs:
+            self._eager = lambda: forward_step(*args, **kwargs)
+            self._context = context
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with context(), torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires
+                forward_step(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.logits = forward_step(*args, **kwargs)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        count = len(inputs.input_ids)
+        rows = [
+            [ids[0], pos[0], write, *table]
+            for ids, pos, write, table in zip(inputs.input_ids, inputs.positions, inputs.write_index, inputs.block_table)
+        ]
+        host = self.pinned[: count * (3 + self.blocks)].view(count, 3 + self.blocks)
+        host.copy_(torch.tensor(rows, dtype=torch.long))  # the previous step's copy ended: its tokens were read
+        staged = host.to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:count, 0] = staged[:, 0]
+        self.positions[:count, 0] = staged[:, 1]
+        self.write_index[:count] = staged[:, 2]
+        self.block_table[:count] = staged[:, 3:]
+        if count < self.rows:  # rows left from a bigger batch: back to scratch
+            self.input_ids[count:] = 0
+            self.positions[count:] = 0
+            self.write_index[count:] = SCRATCH_BLOCK * BLOCK_SIZE
+            self.block_table[count:] = SCRATCH_BLOCK
+        if self.graph is None:
+            with self._context():
+                return self._eager()[:count]
+        self.graph.replay()
+        return self.logits[:count]

@@ -1,0 +1,98 @@
+"""One request while the engine works on it, and how a step's rows are laid out from such
+requests for the step runner."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from llguidance import LLMatcher
+
+from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, prefix_hashes
+from llm_worker.engine.requests import GenerationRequest, RequestHandle, Sink, TokenLogprob
+from llm_worker.engine.runner import StepInputs
+from llm_worker.engine.sampler import SamplingParams
+from llm_worker.engine.scheduler import PrefillChunk, Slot
+from llm_worker.engine.text import AnswerText
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request while the engine works on it."""
+
+    id: int
+    request: GenerationRequest
+    sink: Sink
+    handle: RequestHandle
+    submitted: float
+    slot: Slot
+    params: SamplingParams
+    text: AnswerText
+    generated: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None  # bool [vocab]: tokens seen, for the repetition penalty
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
+    finish_reason: str | None = None
+    matcher: LLMatcher | None = None  # where the answer stands in its grammar, when it has one
+
+    @classmethod
+    def start(cls, id: int, request: GenerationRequest, sink: Sink, tokenizer, prefix_caching: bool) -> Sequence:
+        """A submitted request's state: its sampling settings, KV slot, incremental text and grammar."""
+        config = request.config
+        params = SamplingParams(
+            sample=config.sampling,
+            temperature=config.temperature or 1.0,
+            top_k=config.top_k or 0,
+            top_p=config.top_p if config.top_p is not None else 1.0,
+            repetition_penalty=config.repetition_penalty,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            min_new_tokens=config.min_new_tokens,
+            seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
+        )
+        slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
+        if prefix_caching and config.num_beams == 1:  # beam search computes outside the pool
+            slot.prefix = prefix_hashes(request.prompt_ids, request.adapter or "")
+        grammar = request.grammar
+        text = AnswerText(tokenizer, request.stop, may_stop=grammar.accepts if grammar else None, strip=request.strip)
+        seq = cls(id, request, sink, RequestHandle(), time.monotonic(), slot, params, text)
+        seq.matcher = grammar.start() if grammar else None
+        return seq
+
+    @property
+    def label(self) -> str:
+        """How the logs name it: its job's id (the door's, RunPod's job id), else the engine's number."""
+        return f"job {self.request.job_id}" if self.request.job_id else f"request {self.id}"
+
+    @property
+    def position(self) -> int:
+        """Position of the newest token, the one the next decoding step feeds."""
+        return self.slot.prompt_len + len(self.generated) - 1
+
+    def pool_index(self, position: int) -> int:
+        """Where the token at ``position`` lives in the flat pool."""
+        return self.slot.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+
+
+def prefill_inputs(group: list[PrefillChunk[Sequence]], pad_id: int) -> StepInputs:
+    """One forward over prompt chunks, left-padded to the widest (padding writes to the scratch block)."""
+    width = max(c.length for c in group)
+    inputs = StepInputs([], [], [], [])
+    for chunk in group:
+        seq, pad = chunk.seq, width - chunk.length
+        positions = range(chunk.start, chunk.start + chunk.length)
+        inputs.input_ids.append([pad_id] * pad + seq.request.prompt_ids[chunk.start : chunk.start + chunk.length])
+        inputs.positions.append([0] * pad + list(positions))
+        inputs.write_index += [SCRATCH_BLOCK * BLOCK_SIZE] * pad + [seq.pool_index(p) for p in positions]
+        inputs.block_table.append(seq.slot.blocks)
+    return inputs
+
+
+def decode_inputs(seqs: list[Sequence]) -> StepInputs:
+    """One decoding step: each row feeds its newest token."""
+    return StepInputs(
+        input_ids=[[s.generated[-1]] for s in seqs],
+        positions=[[s.position] for s in seqs],
+        write_index=[s.pool_index(s.position) for s in seqs],
+        block_table=[s.slot.blocks for s in seqs],
+    )

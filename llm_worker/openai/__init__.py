@@ -1,0 +1,33 @@
+"""OpenAI's API over the same ``Worker``, shared by both doors.
+
+RunPod's gateway serves ``https://api.runpod.ai/v2/<endpoint>/openai/v1/...`` by handing the
+worker a job ``{"openai_route": "/v1/chat/completions", "openai_input": <the request body>}``
+(also ``/v1/completions`` and ``/v1/models``); the HTTP server serves the same routes itself. A
+plain request gets one output, the response object; a streaming request gets the Server-Sent-Events
+lines of OpenAI's streaming format, one ``data: {...}\\n\\n`` string per chunk and ``data: [DONE]\\n\\n``
+last, as runpod-workers/worker-vllm yields them (its default ``RAW_OPENAI_OUTPUT``).
+
+- ``requests.py``: the request bodies, parsed strictly, with hints for unknown parameters;
+- ``prepare.py``: a request into engine requests (chat prompt, model or adapter, constraint);
+- ``tool_calls.py``: the tool-call grammar and the streamed tool-call splitter;
+- ``responses.py``: engine events into response objects and stream chunks;
+- ``api.py``: the entry points the doors call.
+"""
+
+from llm_worker.openai.api import open_request
+from llm_worker.openai.errors import OpenAIError, server_error, unavailable
+from llm_worker.openai.requests import CHAT, COMPLETIONS, MODELS
+from llm_worker.openai.responses import Response, models, sse
+
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "MODELS",
+    "OpenAIError",
+    "Response",
+    "models",
+    "open_request",
+    "server_error",
+    "sse",
+    "unavailable",
+]

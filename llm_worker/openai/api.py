@@ -1,0 +1,33 @@
+"""The OpenAI door's entry points over ``Worker``, shared by the RunPod job door (RunPod's gateway
+forwards ``/openai/v1/...`` as jobs) and the HTTP server: a chat or completions body checked and
+turned into its ``Response``, and the model list."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from llm_worker.logs import log_refused
+from llm_worker.openai.errors import OpenAIError, unavailable
+from llm_worker.openai.prepare import prepare
+from llm_worker.openai.requests import CHAT, check_size
+from llm_worker.openai.responses import Response
+
+if TYPE_CHECKING:
+    from llm_worker.service import Worker
+
+
+def open_request(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Response:
+    """A chat or completions request body, checked and turned into its ``Response``; raises
+    ``OpenAIError`` (and logs the refusal). The logs name the job ``job_id`` (RunPod's), else by
+    the response's id."""
+    response_id = f"{'chatcmpl' if route == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+    try:
+        if worker.load_error:
+            raise unavailable(worker.load_error)
+        check_size(body, worker.limits.max_input_bytes)
+        prepared = prepare(worker, route, body, job_id or response_id)
+    except OpenAIError as err:
+        log_refused(job_id or response_id, str(err))
+        raise
+    return Response(worker, route, prepared, response_id)

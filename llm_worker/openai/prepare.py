@@ -1,0 +1,181 @@
+"""A validated request turned into ``Worker`` calls: the prompt (the chat template, or the
+completion's text), the served model or adapter it names, its constraint (``response_format``,
+vLLM's ``guided_*``, tools) and its native generation settings, ``n`` engine requests per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import TemplateError
+from pydantic import ValidationError
+
+from llm_worker.engine import GenerationRequest
+from llm_worker.errors import InputError
+from llm_worker.model.prompts import file_templates, render_prompt
+from llm_worker.openai.errors import OpenAIError
+from llm_worker.openai.requests import (
+    CHAT,
+    ChatRequest,
+    CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaResponseFormat,
+    Message,
+    Tool,
+    _Request,
+    parse,
+)
+from llm_worker.openai.tool_calls import called_tools, tool_call_schema
+from llm_worker.schema import GenerationConfig
+
+if TYPE_CHECKING:
+    from llm_worker.service import Worker
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request turned into engine requests (``n`` per prompt, flat)."""
+
+    body: _Request
+    model: str
+    requests: list[GenerationRequest]
+    prompts: int
+    tool_call: bool = False  # each answer is a call of one of the request's tools
+
+
+def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | None = None) -> tuple[list[int], tuple[str, ...]]:
+    """Token ids of the conversation through the chat template (``CHAT_TEMPLATE``, else the
+    model's own), and the stop strings that template implies."""
+    tokenizer = worker.loaded.tokenizer
+    template = worker.settings.chat_template
+    if template in file_templates():
+        if tools or any(m.role == "tool" for m in messages):
+            raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
+        if [m.role for m in messages if m.role == "assistant"] or sum(m.role == "user" for m in messages) != 1:
+            raise OpenAIError(
+                f"messages: CHAT_TEMPLATE={template} holds one instruction: send one user message "
+                "(system messages are put before it)",
+                "messages",
+            )
+        instruction = "\n\n".join(m.text for m in messages if m.role != "user") + "\n\n" if len(messages) > 1 else ""
+        prompt = render_prompt(tokenizer, template, instruction + next(m.text for m in messages if m.role == "user"))
+        ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+        return ids, prompt.stop
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(
+            f"messages: the model {worker.loaded.name} has no chat template: set CHAT_TEMPLATE (Jinja text, or alpaca "
+            "for Alpaca-LoRA adapters), or send the prompt to /v1/completions",
+            "messages",
+            "no_chat_template",
+        )
+    conversation = [m.for_template() for m in messages]
+    functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as err:
+        raise OpenAIError(f"messages: the chat template refused them: {err}", "messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"], ()
+
+
+def adapter_for(worker: Worker, model: str | None) -> str | None:
+    """``model`` as the native ``adapter`` field: the served model's name (or none) is no adapter field."""
+    if model is None or model == worker.loaded.name:
+        return None
+    try:
+        worker.adapters.choose(model)
+    except InputError:
+        raise OpenAIError(
+            f"The model {model!r} does not exist; available: {', '.join(model_names(worker))}",
+            "model",
+            "model_not_found",
+            status=404,
+        ) from None
+    return model
+
+
+def constraint(request: _Request) -> tuple[str, str, Any] | None:
+    """The request's constraint as (native field, the parameter that asked for it, value)."""
+    found = []
+    format_ = request.response_format
+    if isinstance(format_, JsonObjectFormat):
+        found.append(("json_schema", "response_format", {"type": "object"}))
+    elif isinstance(format_, JsonSchemaResponseFormat):
+        found.append(("json_schema", "response_format", format_.json_schema.schema_ or {"type": "object"}))
+    for field, param in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
+        if getattr(request, param) is not None:
+            found.append((field, param, getattr(request, param)))
+    if isinstance(request, ChatRequest):
+        tools = called_tools(request)
+        if tools:
+            found.append(("json_schema", "tools", tool_call_schema(tools)))
+    if len(found) > 1:
+        names = " and ".join(param for _, param, _ in found)
+        raise OpenAIError(f"{names}: at most one of them may constrain the answer", found[1][1])
+    return found[0] if found else None
+
+
+def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Prepared:
+    chat = route == CHAT
+    request = parse(ChatRequest if chat else CompletionRequest, body)
+    adapter = adapter_for(worker, request.model)
+    constrained = constraint(request)
+    if chat:
+        prompts = [chat_prompt(worker, request.messages, request.tools)]
+        max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
+            "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not texts:
+            raise OpenAIError("prompt: must not be empty", "prompt")
+        tokenizer = worker.loaded.tokenizer
+        prompts = [(tokenizer(text)["input_ids"], ()) for text in texts]
+        max_tokens, max_param, logprobs = request.max_tokens, "max_tokens", request.logprobs
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    requests = []
+    for ids, template_stop in prompts:
+        generation: dict[str, Any] = {
+            "max_new_tokens": max_tokens or default_max_tokens(worker, len(ids)),
+            "stop": stop,
+            "n": request.n,
+            "logprobs": logprobs,
+        }
+        if request.temperature > 0:  # temperature 0 is greedy: top_p and seed have no effect, as in OpenAI's API
+            generation.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        params = {"max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model"}
+        if constrained:
+            field, param, value = constrained
+            generation[field] = value
+            params[field] = param
+        try:
+            config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
+            base = worker.request(ids, config, tuple(stop) + template_stop, adapter, job_id)
+            if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
+                base = replace(base, strip=False)
+        except ValidationError as err:
+            item = err.errors(include_url=False)[0]
+            param = params.get(str(item["loc"][0]), str(item["loc"][0])) if item["loc"] else None
+            raise OpenAIError(f"{param}: {item['msg'].removeprefix('Value error, ')}", param) from None
+        except InputError as err:
+            field, _, rest = str(err).partition(": ")
+            param = params.get(field.removeprefix("generation_config."), field)
+            raise OpenAIError(f"{param}: {rest}", param) from None
+        requests += worker.choices(base)
+    tool_call = constrained is not None and constrained[1] == "tools"
+    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), tool_call)
+
+
+def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:
+    """Without ``max_tokens``: as many as fit, up to ``MAX_NEW_TOKENS_LIMIT`` (OpenAI's own default is the context)."""
+    room = min(worker.context_length, worker.engine.capacity_tokens) - prompt_tokens
+    return max(1, min(worker.limits.max_new_tokens, room))
+
+
+def model_names(worker: Worker) -> list[str]:
+    names = [worker.loaded.name, *worker.adapters.known()]
+    if worker.adapters.merged and worker.adapters.merged not in names:
+        names.append(worker.adapters.merged)
+    return names

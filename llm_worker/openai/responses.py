@@ -1,0 +1,210 @@
+"""Engine events into OpenAI's objects: the whole response, or the stream's server-sent events
+(text deltas, tool-call deltas, logprobs, usage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from llm_worker.engine import Completion, Delta, EngineError, TokenLogprob
+from llm_worker.openai.errors import server_error
+from llm_worker.openai.prepare import Prepared, model_names
+from llm_worker.openai.requests import CHAT
+from llm_worker.openai.tool_calls import CallStream
+
+if TYPE_CHECKING:
+    from llm_worker.service import Worker
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length"}
+
+
+class Response:
+    """Turns engine events into OpenAI objects and stream chunks for one prepared request."""
+
+    def __init__(self, worker: Worker, route: str, prepared: Prepared, response_id: str) -> None:
+        self.worker = worker
+        self.chat = route == CHAT
+        self.prepared = prepared
+        self.id = response_id
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.with_logprobs = prepared.requests[0].logprobs is not None
+
+    def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object + (".chunk" if self.chat and self.prepared.body.stream else ""),
+            "created": self.created,
+            "model": self.prepared.model,
+            "system_fingerprint": fingerprint(self.worker),
+            "choices": choices,
+            **extra,
+        }
+
+    def usage(self, completions: list[Completion]) -> dict[str, Any]:
+        n = self.prepared.body.n
+        prompt = sum(done.prompt_tokens for done in completions[::n])  # each prompt counts once
+        cached = sum(done.cached_tokens for done in completions[::n])
+        generated = sum(done.completion_tokens for done in completions)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": generated,
+            "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def logprobs(self, items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.with_logprobs:
+            return None
+        text = self.worker.token_text
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **_token(text(item.token_id)),
+                        "logprob": item.logprob,
+                        "top_logprobs": [{**_token(text(token)), "logprob": logprob} for token, logprob in item.top],
+                    }
+                    for item in items
+                ]
+            }
+        tokens = [text(item.token_id) for item in items]
+        offsets = [sum(len(token) for token in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [{text(token): logprob for token, logprob in item.top} for item in items],
+            "text_offset": offsets,
+        }
+
+    def whole(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = []
+        for index, done in enumerate(completions):
+            choice: dict[str, Any] = {"index": index}
+            finish_reason = FINISH_REASONS[done.finish_reason]
+            if self.prepared.tool_call and finish_reason == "stop":
+                call = json.loads(done.text)
+                message = {"role": "assistant", "content": None, "tool_calls": [self.tool_call(index, call["name"], call["arguments"])]}
+                choice["message"], finish_reason = message, "tool_calls"
+            elif self.chat:
+                choice["message"] = {"role": "assistant", "content": done.text}
+            else:
+                choice["text"] = done.text
+            choice["logprobs"] = self.logprobs(done.logprobs or [])
+            choice["finish_reason"] = finish_reason
+            choices.append(choice)
+        return self.envelope(choices, usage=self.usage(completions))
+
+    def tool_call(self, index: int, name: str, arguments: Any = None, stream_index: int | None = None) -> dict[str, Any]:
+        """A tool call of choice ``index``; its id is the same in the stream and in the whole answer."""
+        call: dict[str, Any] = {} if stream_index is None else {"index": stream_index}
+        call.update(id=f"call_{self.id.split('-')[-1][:16]}{index}", type="function")
+        call["function"] = {"name": name, "arguments": "" if arguments is None else json.dumps(arguments, ensure_ascii=False)}
+        return call
+
+    def call_chunk(self, index: int, name: str | None, arguments: str) -> str:
+        """A streamed piece of choice ``index``'s tool call: its first names the function, as OpenAI's."""
+        if name is not None:
+            call = self.tool_call(index, name, stream_index=0)
+        else:
+            call = {"index": 0, "function": {"arguments": arguments}}
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        extra = {"usage": None} if self.include_usage else {}
+        return sse(self.envelope([choice], **extra))
+
+    def chunk(
+        self, index: int, text: str | None, logprobs: Sequence[TokenLogprob], finish_reason: str | None = None, first: bool = False
+    ) -> str:
+        """One stream chunk; ``text`` None: the choice's closing chunk; ``first``: the chat chunk that names the role."""
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {} if text is None else {"content": text}
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = None if first else self.logprobs(logprobs)
+        choice["finish_reason"] = finish_reason and FINISH_REASONS.get(finish_reason, finish_reason)
+        extra = {"usage": None} if self.include_usage else {}
+        return sse(self.envelope([choice], **extra))
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.prepared.body.stream_options
+        return bool(options and options.include_usage)
+
+    @property
+    def streaming(self) -> bool:
+        return self.prepared.body.stream
+
+    async def whole_answer(self) -> dict[str, Any]:
+        """The response object; raises ``EngineError`` when the engine fails the request."""
+        completions: dict[int, Completion] = {}
+        async for index, event in self.worker.events(self.prepared.requests):
+            if isinstance(event, Completion):
+                completions[index] = event
+        return self.whole([completions[index] for index in range(len(completions))])
+
+    async def sse(self) -> AsyncIterator[str]:
+        """The stream's server-sent events, ``data: [DONE]`` last; a failure in the engine is one
+        more event, OpenAI's error object, before it."""
+        try:
+            async for line in self.stream():
+                yield line
+        except EngineError as err:
+            yield sse(server_error(err).body)
+        yield sse("[DONE]")
+
+    async def stream(self) -> AsyncIterator[str]:
+        requests = self.prepared.requests
+        sent = [0] * len(requests)  # logprobs already streamed, per choice
+        finished: dict[int, Completion] = {}
+        calls = [CallStream() for _ in requests] if self.prepared.tool_call else None
+        if self.chat:  # OpenAI's first chunk of each choice names the role
+            for index in range(len(requests)):
+                yield self.chunk(index, "", (), first=True)
+        async for index, event in self.worker.events(requests):
+            if isinstance(event, Delta):
+                if calls is not None:
+                    for piece in calls[index].add(event.text):
+                        yield self.call_chunk(index, *piece)
+                elif event.text or event.logprobs:
+                    sent[index] += len(event.logprobs)
+                    yield self.chunk(index, event.text, event.logprobs)
+                continue
+            finished[index] = event
+            if calls is not None:
+                complete = FINISH_REASONS[event.finish_reason] == "stop"
+                for piece in calls[index].end(complete):
+                    yield self.call_chunk(index, *piece)
+                yield self.chunk(index, None, (), "tool_calls" if complete else event.finish_reason)
+                continue
+            yield self.chunk(index, None, (event.logprobs or [])[sent[index] :], event.finish_reason)
+        if self.include_usage:
+            completions = [finished[index] for index in range(len(requests))]
+            yield sse(self.envelope([], usage=self.usage(completions)))
+
+
+def _token(text: str) -> dict[str, Any]:
+    """OpenAI's token and its UTF-8 bytes; a token that is part of a character has no whole text, so no bytes."""
+    return {"token": text, "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def fingerprint(worker: Worker) -> str:
+    """Changes when the weights' source, dtype or device does (what can change an answer for a seed)."""
+    loaded = worker.loaded
+    identity = f"{loaded.name}|{loaded.dtype}|{loaded.device}|{worker.settings.lora_weights}|{loaded.merged_adapter}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+def models(worker: Worker) -> dict[str, Any]:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "llm-worker"} for name in model_names(worker)],
+    }
