@@ -49,7 +49,7 @@ def test_mixed_batch_answers_equal_solo_answers(multi):
     requests = []
     for i, prompt in enumerate(prompts):
         for adapter in (None, "pirate", "robot"):
-            request = job(prompt, max_new_tokens=20 + 4 * i)
+            request = job(prompt, max_new_tokens=8 + 4 * i)
             if adapter:
                 request["adapter"] = adapter
             requests.append(request)

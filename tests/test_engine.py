@@ -123,7 +123,7 @@ def test_prompt_longer_than_the_context_is_refused(worker):
 def test_greedy_answers_in_a_batch_equal_solo_answers(fp32_worker):
     """Compare token ids of real instructions run alone and run together (different lengths, so
     requests join and leave the batch at different steps)."""
-    jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": 32}} for task in seed_tasks(12)]
+    jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": 24}} for task in seed_tasks(8)]
     requests = [fp32_worker.prepare(j)[1] for j in jobs]
     solo = [fp32_worker.engine.generate(r) for r in requests]
     together = [None] * len(requests)
@@ -213,14 +213,14 @@ def watch_running(worker, stop: threading.Event, seen: list[int]) -> threading.T
     return thread
 
 
-def test_a_budget_for_four_sequences_serves_sixteen_jobs_four_at_a_time(started, fp32_worker):
+def test_a_budget_for_four_sequences_serves_eight_jobs_four_at_a_time(started, fp32_worker):
     candidates = seed_tasks(120)
     lengths = [len(fp32_worker.prepare({"prompt_config": task})[1].prompt_ids) for task in candidates]
     ranked = sorted(range(len(candidates)), key=lengths.__getitem__)
-    # 16 tasks of similar prompt length, so that no job needs a long answer to fill its sequence
-    start = min(range(len(ranked) - 15), key=lambda i: lengths[ranked[i + 15]] - lengths[ranked[i]])
-    tasks = [candidates[i] for i in ranked[start : start + 16]]
-    prompts = [lengths[i] for i in ranked[start : start + 16]]
+    # 8 tasks of similar prompt length, so that no job needs a long answer to fill its sequence
+    start = min(range(len(ranked) - 7), key=lambda i: lengths[ranked[i + 7]] - lengths[ranked[i]])
+    tasks = [candidates[i] for i in ranked[start : start + 8]]
+    prompts = [lengths[i] for i in ranked[start : start + 8]]
     per_job = -(-(max(prompts) + 12) // BLOCK_SIZE) * BLOCK_SIZE
     # every job's prompt + max_new_tokens is exactly one sequence of the budget
     jobs = [{"prompt_config": task, "generation_config": {"max_new_tokens": per_job - n}} for task, n in zip(tasks, prompts)]

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,12 +351,8 @@ def baked(instructions, tmp_path_factory):
     env.update({name: "" for name in BUILD_ARGS})
     env.update(PATH=f"{shims}{os.pathsep}{env.get('PATH', '')}", MODEL_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
 
-    def run() -> tuple[subprocess.CompletedProcess, float]:
-        started = time.perf_counter()
-        done = subprocess.run(
-            ["/bin/sh", "-c", script], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-        )
-        return done, time.perf_counter() - started
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(["/bin/sh", "-c", script], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
     yield cache, run
     shutil.rmtree(cache, ignore_errors=True)
@@ -371,7 +366,7 @@ def test_bake_uses_the_projects_model_cache_command(instructions):
 
 def test_bake_converts_the_embedded_model(baked):
     cache, run = baked
-    done, _ = run()
+    done = run()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Converting" in output, output
@@ -392,14 +387,13 @@ def test_second_bake_reuses_the_converted_model(baked):
     cache, run = baked
     weights = cache / "models" / EMBEDDED_NAME / "model.safetensors"
     if not weights.is_file():  # run on its own: do the first bake here
-        assert run()[0].returncode == 0
+        assert run().returncode == 0
     before = weights.stat().st_mtime_ns
-    done, seconds = run()
+    done = run()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Converting" not in output, output
-    assert weights.stat().st_mtime_ns == before
-    assert seconds < 60, f"the second bake took {seconds:.1f} s: it should only find the converted model"
+    assert weights.stat().st_mtime_ns == before, "the second bake wrote the weights again: it should only find the converted model"
 
 
 # ---------------------------------------------------------------- start command and secrets

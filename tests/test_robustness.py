@@ -199,7 +199,7 @@ def test_adversarial_variations_of_valid_events(handler_module, event):
     check_outcome(event, run_job(handler_module, event))
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(event=valid_events())
 def test_every_valid_input_gets_an_answer(handler_module, event):
     chunks = run_job(handler_module, event)
@@ -269,7 +269,7 @@ def test_out_of_memory_in_one_prefill_fails_only_that_job(fp32_worker, faulty_fo
 
 
 def test_out_of_memory_in_a_step_drops_the_newest_and_the_rest_finish(fp32_worker, faulty_forward):
-    requests = [job(t["instruction"], max_new_tokens=40, min_new_tokens=40) for t in seed_tasks(4, skip=10)]
+    requests = [job(t["instruction"], max_new_tokens=24, min_new_tokens=24) for t in seed_tasks(4, skip=10)]
     solo = [fp32_worker.complete(r) for r in requests]
     fired = []
 
@@ -308,12 +308,18 @@ def test_cancelling_the_handler_task_frees_the_slot_at_once(handler_module):
     assert asyncio.run(scenario())
 
 
-def test_job_over_the_time_limit_ends_with_its_partial_text(base_model_dir):
-    worker = Worker.start(Settings(max_job_seconds=1.0))
+def test_job_over_the_time_limit_ends_with_its_partial_text(worker):
+    # The limit is what this machine took for 16 tokens of the same job, four times over: a slow
+    # machine gets more time, so the answer has text whatever the machine's speed.
+    # No section marker ends the story early: only the time limit may end it.
+    story = {"instruction": "Tell me a long story about dragons.", "stop_at_section": False}
+    began = time.monotonic()
+    worker.complete({"prompt_config": story, "generation_config": {"max_new_tokens": 16, "min_new_tokens": 16}})
+    limited = Worker.start(Settings(max_job_seconds=4 * (time.monotonic() - began)))
     try:
-        result = worker.complete(job("Tell me a long story about dragons.", max_new_tokens=2000, min_new_tokens=2000))
+        result = limited.complete({"prompt_config": story, "generation_config": {"max_new_tokens": 2000, "min_new_tokens": 2000}})
     finally:
-        worker.close()
+        limited.close()
     assert result["finish_reason"] == "time_limit"
     assert 0 < result["usage"]["completion_tokens"] < 2000
     assert len(result["output"]) > 10
@@ -332,12 +338,12 @@ def fp32_api_server():
     yield from serve_api(DTYPE="float32")
 
 
-def test_burst_of_200_jobs_32_at_a_time_answers_each_job_with_its_own_answer(fp32_api_server, fp32_worker):
-    """200 jobs, 32 at a time, each answered once with exactly the answer it gets alone. 50 tasks
-    each sent 4 times keep the solo runs affordable; their answers all differ, so an answer that
-    reaches another job's caller shows."""
+def test_burst_of_64_jobs_32_at_a_time_answers_each_job_with_its_own_answer(fp32_api_server, fp32_worker):
+    """64 jobs, 32 at a time (two full batches), each answered once with exactly the answer it
+    gets alone. 16 tasks each sent 4 times keep the solo runs affordable; their answers all differ,
+    so an answer that reaches another job's caller shows."""
     url, pid = fp32_api_server
-    tasks = [{"prompt_config": task, "generation_config": {"max_new_tokens": 6}} for task in seed_tasks(50)]
+    tasks = [{"prompt_config": task, "generation_config": {"max_new_tokens": 6}} for task in seed_tasks(16)]
     alone = [fp32_worker.complete(task) for task in tasks]
     assert len({answer["output"] for answer in alone}) == len(tasks), "precondition: the answers tell the tasks apart"
     events, alone = tasks * 4, alone * 4
@@ -351,7 +357,7 @@ def test_burst_of_200_jobs_32_at_a_time_answers_each_job_with_its_own_answer(fp3
     while (after := rss_mb(pid)) >= limit and time.monotonic() < deadline:
         time.sleep(0.5)
 
-    assert len({reply["id"] for reply in replies}) == 200
+    assert len({reply["id"] for reply in replies}) == 64
     for event, reply, expected in zip(events, replies, alone):
         assert reply["status"] == "COMPLETED", reply
         assert uncached(reply["output"]) == uncached([expected]), f"{event['prompt_config']['instruction']!r} got another answer"

@@ -376,7 +376,12 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
     threads = [threading.Thread(target=call, args=(name, *args)) for name, args in calls.items()]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)  # all four are running (the short one may be done)
+    # SIGTERM once the short one is answered and the three long ones are running (the sampled one
+    # may have ended on its own), however long that takes on this machine.
+    watcher, deadline = Served(url, None, key=KEY), time.monotonic() + 120
+    while not ("short" in results and watcher.metric("llm_worker_requests_running") + ("openai_stream" in results) >= 3):
+        assert time.monotonic() < deadline and process.poll() is None, (results, log_file.read_text()[-3000:])
+        time.sleep(0.05)
     assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
     process.send_signal(signal.SIGTERM)
     for thread in threads:
