@@ -85,6 +85,8 @@ class Worker:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             cuda_graphs=settings.cuda_graphs,
             prefix_caching=settings.enable_prefix_cache,
+            attention_backend="gather" if settings.attention_backend == "auto" else settings.attention_backend,
+            lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
         )
         return Engine(loaded.model, loaded.tokenizer, config, dtype=loaded.dtype, adapters=self.adapters)
 

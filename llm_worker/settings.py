@@ -92,6 +92,16 @@ class Settings(Environment):
         0.9, gt=0.0, le=1.0, description="Fraction of the GPU's memory the worker may use (weights + KV cache)."
     )
     cuda_graphs: bool = Field(True, description="Replay decoding steps as CUDA graphs on CUDA (off: eager, for debugging).")
+    attention_backend: Literal["auto", "gather", "triton"] = Field(
+        "auto",
+        description="Attention over the KV pool: gather (each row's blocks copied out for the model's own kernel), "
+        "triton (a paged kernel that reads the pool in place, CUDA only; not yet proven on a GPU), auto: gather.",
+    )
+    lora_backend: Literal["auto", "peft", "triton"] = Field(
+        "auto",
+        description="Rows of different LoRA adapters in one step: peft (its loop over the adapters), triton (one "
+        "batched product per layer, plain LoRA only, CUDA only; not yet proven on a GPU), auto: peft.",
+    )
     enable_prefix_cache: bool = Field(
         True, description="Reuse the keys and values of prompt blocks already computed (a shared preamble or system prompt)."
     )

@@ -13,13 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
-from pydantic import BaseModel
+import torch
 
-from llm_worker.model.finetune import LoraTraining, train_lora
-from llm_worker.service import Worker
-from llm_worker.settings import Settings
-from model_cache import prepare_default_model
+# The device of the kernel tests: CUDA with DEVICE=cuda (or DEVICE unset on a GPU machine), else
+# the CPU, where Triton's kernels run under its interpreter. Set before transformers imports triton.
+DEVICE = "cuda" if os.environ.get("DEVICE", "auto") != "cpu" and torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import uvicorn  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from llm_worker.model.finetune import LoraTraining, train_lora  # noqa: E402
+from llm_worker.service import Worker  # noqa: E402
+from llm_worker.settings import Settings  # noqa: E402
+from model_cache import prepare_default_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -10,8 +10,9 @@ import transformers
 from transformers import AutoTokenizer
 from transformers.masking_utils import causal_mask_function, chunked_causal_mask_function, sliding_window_causal_mask_function
 
-from llm_worker.engine.attention import LayerWindows, MaskRule, PoolView, UnsupportedModel
+from llm_worker.engine.attention import PoolView, UnsupportedModel
 from llm_worker.engine import Engine, EngineConfig, GenerationRequest
+from llm_worker.engine.masks import LayerWindows, MaskRule
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
 from llm_worker.engine.runner import forward_step, run_view
 from llm_worker.schema import GenerationConfig
@@ -89,7 +90,7 @@ def test_a_windowed_layer_reads_only_the_blocks_inside_its_window_and_gives_the_
     assert windows.by_layer == {0: window, 1: window}
     # a decoding step at position ~160 holds 11 blocks, and reads the window's 2 (+1 for alignment) per layer
     assert view.blocks_read == {0: blocks_for(window) + 1, 1: blocks_for(window) + 1}
-    assert view.key_buffer.shape[0] == blocks_for(window) + 1  # every layer is windowed: no room for more
+    assert view.buffers()[0].shape[0] == blocks_for(window) + 1  # every layer is windowed: no room for more
     assert blocks_for(len(tokens)) > blocks_for(window) + 1
 
 

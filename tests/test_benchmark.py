@@ -3,11 +3,15 @@ matrix-product ceiling."""
 
 import asyncio
 import math
+import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import DEVICE
+
+from benchmarks import attention as attention_benchmark
 from benchmarks.baselines import SeedProcess
 from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, run_alternating
 from benchmarks.workloads import alpaca_workload
@@ -41,3 +45,18 @@ def test_the_matmul_ceiling_is_measured_on_a_bf16_model_with_fp32_lora_weights()
     for rows in (1, 4):
         ceiling = matmul_ceiling_tok_s(model, rows, repeats=2)
         assert math.isfinite(ceiling) and ceiling > 0
+
+
+def test_the_attention_benchmark_compares_both_paths_and_prints_its_table(monkeypatch, capsys):
+    """The device run's attention micro-benchmark works before a GPU is spent on it: on the CPU
+    with tiny shapes under Triton's interpreter, on a GPU with the real ones, briefly. It also
+    asserts that both paths give the same output."""
+    context = 40 if DEVICE == "cpu" else 128
+    shapes = ["--rows", "1", "2", "--contexts", str(context)]
+    monkeypatch.setattr(sys, "argv", ["benchmarks.attention", *shapes, *(["--tiny"] if DEVICE == "cpu" else ["--repeats", "2"])])
+    attention_benchmark.main()
+    table = capsys.readouterr().out.splitlines()[-4:]
+    assert table[0] == "| rows | context | gather_ms | triton_ms | speedup |"
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert [(int(row[0]), int(row[1])) for row in cells] == [(1, context), (2, context)]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in cells)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llm_worker.engine.attention import LayerWindows
+from llm_worker.engine.masks import LayerWindows
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
 import itertools
 

@@ -28,15 +28,18 @@ transformers' own SDPA or eager mask and call the same kernel.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, Segment, blocks_for
+from llm_worker.engine.masks import LayerWindows, MaskRule, pool_mask
 
 POOL_SDPA = "llm_worker_pool"
 POOL_EAGER = "llm_worker_pool_eager"
@@ -44,68 +47,6 @@ POOL_EAGER = "llm_worker_pool_eager"
 
 class UnsupportedModel(RuntimeError):
     """The engine cannot compute this model's attention exactly as its own code does."""
-
-
-class MaskRule:
-    """A layer type's mask as the model asked for it: transformers' mask function (and the
-    arguments its mask interface got), evaluated later at any positions."""
-
-    def __init__(self, arguments: dict) -> None:
-        self.arguments = arguments
-        self.function: Callable = arguments["mask_function"]
-
-    def visible(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        """``query_positions`` [rows, width], ``key_positions`` [rows, keys] -> bool [rows, 1, width, keys]."""
-        rows, width = query_positions.shape
-        batch = torch.arange(rows, device=query_positions.device)[:, None, None, None]
-        head = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=query_positions.device)
-        mask = self.function(batch, head, query_positions[:, None, :, None], key_positions[:, None, None, :])
-        return torch.as_tensor(mask, device=query_positions.device).expand(rows, 1, width, key_positions.shape[1])
-
-    def materialize(self, additive: bool):
-        """transformers' own mask for a plain cache (SDPA's boolean one, or eager's float one)."""
-        return (eager_mask if additive else sdpa_mask)(**self.arguments)
-
-    def sliding_window(self, horizon: int) -> int | None:
-        """The window this rule keeps within ``horizon`` positions, or None (it sees every earlier
-        key, or its shape is not a fixed window: then everything is read and the rule masks)."""
-        keys = torch.arange(horizon)[None]
-        windows = set()
-        for query in (horizon - 1, horizon - 6):
-            if query < 0:
-                return None
-            seen = self.visible(torch.tensor([[query]]), keys)[0, 0, 0].nonzero().flatten().tolist()
-            if not seen or seen[-1] != query or len(seen) != seen[-1] - seen[0] + 1:
-                return None
-            windows.add(len(seen) if seen[0] > 0 else None)
-        return windows.pop() if len(windows) == 1 else None
-
-
-def pool_mask(**arguments) -> MaskRule:
-    """The mask interface of the pool's attention implementations: keep the rule."""
-    return MaskRule(arguments)
-
-
-class LayerWindows:
-    """Each layer's sliding window (None: none), learned from its mask rule the first time the
-    layer runs; owned by the runner, shared by its forwards."""
-
-    def __init__(self, horizon: int) -> None:
-        self.horizon = horizon
-        self.by_layer: dict[int, int | None] = {}
-
-    def describe(self) -> str:
-        """E.g. ``4096 tokens on layers [0, 2]`` (empty: no layer has a window)."""
-        layers: dict[int, list[int]] = {}
-        for layer, window in sorted(self.by_layer.items()):
-            if window is not None:
-                layers.setdefault(window, []).append(layer)
-        return ", ".join(f"{window} tokens on layers {found}" for window, found in sorted(layers.items()))
-
-    def of(self, layer: int, rule: MaskRule) -> int | None:
-        if layer not in self.by_layer:
-            self.by_layer[layer] = rule.sliding_window(self.horizon)
-        return self.by_layer[layer]
 
 
 class PoolView:
@@ -142,14 +83,22 @@ class PoolView:
         self.read_by: set[int] = set()  # layers that read through the pool's attention
         self.blocks_read: dict[int, int] = {}  # layer -> blocks its read copied (host ints: shapes)
         self._reads: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
-        shape = pool.shape
-        width = positions.shape[1]
-        windows_in_use = set(self.windows.by_layer.values()) or {None}  # before the probe: every layer reads all
-        most = max(sum((end - start) * _read_blocks(blocks, window, width) for start, end, blocks in self.segments) for window in windows_in_use)
-        size = (most, BLOCK_SIZE * shape.kv_heads * shape.head_dim)
-        device = pool.keys[0].device
-        self.key_buffer = torch.empty(size, dtype=shape.dtype, device=device)
-        self.value_buffer = torch.empty(size, dtype=shape.dtype, device=device)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers of the gathered reads, made at the first such read."""
+        if self._buffers is None:
+            shape = self.pool.shape
+            width = self.positions.shape[1]
+            windows_in_use = set(self.windows.by_layer.values()) or {None}  # before the probe: every layer reads all
+            most = max(
+                sum((end - start) * _read_blocks(blocks, window, width) for start, end, blocks in self.segments)
+                for window in windows_in_use
+            )
+            size = (most, BLOCK_SIZE * shape.kv_heads * shape.head_dim)
+            device = self.pool.keys[0].device
+            self._buffers = torch.empty(size, dtype=shape.dtype, device=device), torch.empty(size, dtype=shape.dtype, device=device)
+        return self._buffers
 
     # transformers' mask helpers ask the cache for these; the pool's masks ignore them
     def get_query_offset(self, layer_idx: int) -> int:
@@ -161,8 +110,11 @@ class PoolView:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
         heads, dim = keys.shape[1], keys.shape[2]
-        keys.index_copy_(0, self.write_index, key_states.transpose(1, 2).reshape(-1, heads, dim))
-        values.index_copy_(0, self.write_index, value_states.transpose(1, 2).reshape(-1, heads, dim))
+        if self.windows.kernel:
+            _kernels().write_kv(keys, values, key_states, value_states, self.write_index)
+        else:
+            keys.index_copy_(0, self.write_index, key_states.transpose(1, 2).reshape(-1, heads, dim))
+            values.index_copy_(0, self.write_index, value_states.transpose(1, 2).reshape(-1, heads, dim))
         self.written.add(layer_idx)
         context = LayerContext(self, layer_idx)
         return context, context
@@ -210,6 +162,14 @@ class LayerContext:
         self.view = view
         self.layer = layer
 
+    def attend(self, query: torch.Tensor, window: int, scaling: float | None) -> torch.Tensor:
+        """The paged kernel over the pool in place: [rows, width, heads, head_dim]."""
+        view = self.view
+        view.read_by.add(self.layer)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        keys, values = view.pool.keys[self.layer], view.pool.values[self.layer]
+        return _kernels().paged_attention(query, keys, values, view.block_table, view.positions, float(scale), window)
+
     def read(
         self, rule: MaskRule, additive: torch.dtype | None = None
     ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -226,8 +186,9 @@ class LayerContext:
         view.blocks_read[self.layer] = sum(table.numel() for _, _, table, _ in plans)
         for start, end, table, mask in plans:
             flat = table.reshape(-1)
-            key_part = view.key_buffer[used : used + flat.shape[0]]
-            value_part = view.value_buffer[used : used + flat.shape[0]]
+            key_buffer, value_buffer = view.buffers()
+            key_part = key_buffer[used : used + flat.shape[0]]
+            value_part = value_buffer[used : used + flat.shape[0]]
             used += flat.shape[0]
             torch.index_select(keys.view(by_block), 0, flat, out=key_part)
             torch.index_select(values.view(by_block), 0, flat, out=value_part)
@@ -248,6 +209,9 @@ def _attend(kernel: Callable, additive: bool, module, query, key, value, attenti
         raise UnsupportedModel(
             f"{type(module).__name__} builds its attention mask its own way, not through transformers' mask functions"
         )
+    window = key.view.windows.kernel_of(key.layer, attention_mask, eligible=not additive)
+    if window is not None:  # SDPA's softmax(q k * scale + mask) v, the mask being causal or a window
+        return key.attend(query, window, kwargs.get("scaling")), None
     outputs = []
     for start, end, keys, values, mask in key.read(attention_mask, query.dtype if additive else None):
         outputs.append(kernel(module, query[start:end], keys, values, mask, **kwargs)[0])
@@ -279,6 +243,25 @@ AttentionInterface.register(POOL_SDPA, pool_sdpa_attention)
 AttentionInterface.register(POOL_EAGER, pool_eager_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(POOL_SDPA, pool_mask)
 ALL_MASK_ATTENTION_FUNCTIONS.register(POOL_EAGER, pool_mask)
+
+
+def check_kernel_device(device: torch.device, setting: str = "ATTENTION_BACKEND", other: str = "gather") -> None:
+    """Triton's kernels run on CUDA, or on the CPU under Triton's interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"{setting}=triton needs the triton package (torch's CUDA builds bring it)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"{setting}=triton runs on CUDA; on {device.type} only under Triton's interpreter (TRITON_INTERPRET=1, "
+            f"for tests): use {setting}={other}"
+        )
+
+
+def _kernels():
+    """The Triton kernels' module, imported when first used: triton is there with torch's CUDA
+    builds (and in the dev requirements, for its interpreter), not in the CPU image."""
+    from llm_worker.engine import paged_attention as module
+
+    return module
 
 
 def base_model_of(model):

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_worker.engine.attention import LayerWindows, PoolView, use_pool_attention
+from llm_worker.engine.attention import PoolView, use_pool_attention
 from llm_worker.engine.kv_cache import SCRATCH_BLOCK, KVPool, Segment, blocks_for
+from llm_worker.engine.masks import LayerWindows
 
 
 def forward_step(

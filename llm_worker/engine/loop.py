@@ -82,14 +82,18 @@ class Engine:
         reserved = 0
         if self.device.type == "cuda":
             rows, width = config.max_batch_size, config.max_prefill_tokens
-            reserved = profile_peak(model, shape, self.device, rows, width, max_blocks, self.vocab)
+            kernel = config.attention_backend == "triton"
+            reserved = profile_peak(model, shape, self.device, rows, width, max_blocks, self.vocab, kernel)
         blocks = kv_budget_blocks(
             shape, self.device, kv_cache_tokens=config.kv_cache_tokens,
             gpu_memory_utilization=config.gpu_memory_utilization, reserved_bytes=reserved,
         )
         self.pool = KVPool(shape, blocks, self.device)
         self.max_seq_len = min(config.max_seq_len, self.pool.capacity_tokens)
-        self.runner = StepRunner(model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs)
+        self.runner = StepRunner(
+            model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs,
+            attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
+        )
         self.runner.capture_at_start()
         log.info(
             "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d; "

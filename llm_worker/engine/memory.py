@@ -10,15 +10,19 @@ import sys
 
 import torch
 
-from llm_worker.engine.kv_cache import KVPool, KVShape, blocks_for
+from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
+from llm_worker.engine.masks import LayerWindows
 from llm_worker.engine.runner import forward_step
 
 log = logging.getLogger(__name__)
 
 
-def profile_peak(model, shape: KVShape, device: torch.device, rows: int, width: int, max_blocks: int, vocab: int) -> int:
-    """Bytes the worst steps (the widest decoding gather, the largest prefill chunk) need besides
-    the pool, measured on a two-block pool before the real one is sized."""
+def profile_peak(
+    model, shape: KVShape, device: torch.device, rows: int, width: int, max_blocks: int, vocab: int, attention_kernel: bool
+) -> int:
+    """Bytes the worst steps (the widest decoding read, the largest prefill chunk) need besides
+    the pool, measured on a two-block pool before the real one is sized, with the attention path
+    the engine will use (the paged kernel gathers nothing)."""
     probe = KVPool(shape, 2, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -27,9 +31,10 @@ def profile_peak(model, shape: KVShape, device: torch.device, rows: int, width: 
     def zeros(*size: int) -> torch.Tensor:
         return torch.zeros(size, dtype=torch.long, device=device)
 
+    windows = LayerWindows(max_blocks * BLOCK_SIZE, kernel=attention_kernel)
     with torch.inference_mode():
-        forward_step(model, probe, zeros(rows, 1), zeros(rows, 1), zeros(rows), zeros(rows, max_blocks))
-        forward_step(model, probe, zeros(1, width), zeros(1, width), zeros(width), zeros(1, blocks_for(width)))
+        forward_step(model, probe, zeros(rows, 1), zeros(rows, 1), zeros(rows), zeros(rows, max_blocks), windows=windows)
+        forward_step(model, probe, zeros(1, width), zeros(1, width), zeros(width), zeros(1, blocks_for(width)), windows=windows)
     peak = torch.cuda.max_memory_allocated(device) - before
     del probe
     torch.cuda.empty_cache()  # else the cached activations count as used, and again as reserved

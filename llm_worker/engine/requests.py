@@ -83,6 +83,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
     prefix_caching: bool = True  # share the KV of prompt blocks already computed
+    attention_backend: str = "gather"  # gather: the pool's blocks copied out for the model's own kernel; triton: paged kernel
+    lora_backend: str = "peft"  # rows of mixed adapters: peft (its loop over adapters), triton (one batched product)
 
 
 @dataclass(frozen=True)

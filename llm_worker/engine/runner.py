@@ -17,17 +17,18 @@ import torch
 
 from llm_worker.engine.adapter_rows import adapter_groups, adapter_state
 from llm_worker.engine.attention import (
-    LayerWindows,
     PoolView,
     UnsupportedModel,
     attention_path,
     base_model_of,
+    check_kernel_device,
     check_probe,
     use_pool_attention,
 )
 from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_view
 from llm_worker.engine.graphs import CapturedStep, block_buckets, bucket, row_buckets
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
+from llm_worker.engine.masks import LayerWindows
 from llm_worker.model.loading import weight_bytes
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class StepRunner:
         max_blocks: int,
         cuda_graphs: bool,
         static_shapes: bool | None = None,
+        attention_kernel: bool = False,
+        lora_kernel: bool = False,
     ) -> None:
         use_pool_attention(model)
         self.model = model
@@ -57,7 +60,13 @@ class StepRunner:
         self.device = device
         self.weight_bytes = weight_bytes(model)
         self.max_blocks = max_blocks
-        self.windows = LayerWindows(max_blocks * BLOCK_SIZE)
+        if attention_kernel:
+            check_kernel_device(device)
+        if lora_kernel:
+            check_kernel_device(device, "LORA_BACKEND", "peft")
+        self.windows = LayerWindows(max_blocks * BLOCK_SIZE, kernel=attention_kernel)
+        self.lora_kernel = lora_kernel
+        self.batched_lora = batched_lora_of(model) if lora_kernel else None
         self._probe()
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.static_shapes = self.use_graphs if static_shapes is None else static_shapes
@@ -95,8 +104,9 @@ class StepRunner:
                 f"({type(err).__name__}: {err}); the engine serves decoder models whose layers all use attention"
             ) from err
         check_probe(self.model, view)
+        parts = [attention_path(self.model)[1], self.windows.describe_kernel()]
         windows = self.windows.describe()
-        log.info("Attention: %s%s", attention_path(self.model)[1], f"; sliding windows: {windows}" if windows else "")
+        log.info("Attention: %s", "; ".join(part for part in parts + [f"sliding windows: {windows}" if windows else ""] if part))
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
@@ -104,6 +114,7 @@ class StepRunner:
         use_pool_attention(model)
         self.model = model
         self.graphs.clear()
+        self.batched_lora = batched_lora_of(model) if self.lora_kernel else None
 
     def capture_at_start(self) -> None:
         """Capture the base model's decoding graphs for every batch size and short contexts."""
@@ -149,6 +160,8 @@ class StepRunner:
         lengths = inputs.context_lengths
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         context, kwargs, key = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow the rows
+        if key is None and self.batched_lora is not None:
+            self.batched_lora.index([adapters[i] for i in order])
         if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1:
             groups = split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
             parts = [self._replay(inputs.take(group), key, context, kwargs) for group in groups]
@@ -181,6 +194,18 @@ class StepRunner:
             return logits
         index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
         return torch.empty_like(logits).index_copy_(0, index, logits)
+
+
+def batched_lora_of(model):
+    """The batched LoRA product for this model's adapters (``LORA_BACKEND=triton``), or None
+    where PEFT's own mixed forward must serve them; imported when used (triton)."""
+    from llm_worker.engine.batched_lora import BatchedLora
+
+    batched = BatchedLora.of(model)
+    if hasattr(model, "peft_config"):
+        way = "one batched LoRA product per layer (LORA_BACKEND=triton)" if batched else "PEFT's loop (not all plain LoRA on linear layers)"
+        log.info("Rows of mixed adapters: %s", way)
+    return batched
 
 
 def plan_segments(blocks: list[int]) -> tuple[Segment, ...]:
