@@ -57,7 +57,7 @@ def test_plain_adapters_mixed_in_one_burst_answer_as_peft_generate_does(llama_ba
         copy.deepcopy(model), tokenizer, replace(ENGINE, lora_backend="triton"), dtype=torch.float32, adapters=adapter_manager(adapter_dir)
     )
     try:
-        cases = [Case(ids, adapter) for ids in prompts for adapter in [None, *PLAIN]]
+        cases = [Case(ids, adapter) for ids in prompts[2:] for adapter in [None, *PLAIN]]  # a chunked prompt, a short one
         comparisons = check(engine, reference, cases, MAX_NEW_TOKENS)
         batched = engine.runner.batched_lora
     finally:
