@@ -11,6 +11,20 @@ from dataclasses import dataclass
 from llm_worker.engine.constraints import Grammar
 from llm_worker.schema import GenerationConfig
 
+__all__ = [
+    "Completion",
+    "Delta",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "Event",
+    "Failed",
+    "GenerationRequest",
+    "RequestHandle",
+    "Sink",
+    "TokenLogprob",
+]
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
