@@ -311,8 +311,8 @@ def test_cancelling_the_handler_task_frees_the_slot_at_once(handler_module):
 def test_job_over_the_time_limit_ends_with_its_partial_text(worker):
     # The limit is what this machine took for 16 tokens of the same job, four times over: a slow
     # machine gets more time, so the answer has text whatever the machine's speed.
-    # No section marker ends the story early: only the time limit may end it.
-    story = {"instruction": "Tell me a long story about dragons.", "stop_at_section": False}
+    # The raw prompt (template none) has no stop string: only the time limit may end the story.
+    story = {"instruction": "Tell me a long story about dragons.", "template": "none"}
     began = time.monotonic()
     worker.complete({"prompt_config": story, "generation_config": {"max_new_tokens": 16, "min_new_tokens": 16}})
     limited = Worker.start(Settings(max_job_seconds=4 * (time.monotonic() - began)))
