@@ -89,12 +89,13 @@ def lora_delta_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
 
 class BatchedLora:
     """The stacks of every LoRA-wrapped linear layer of a PEFT model, and the rows' adapter index
-    of the step in progress. ``install`` swaps each layer's mixed-batch forward for the batched
+    of the step in progress. Building it swaps each layer's mixed-batch forward for the batched
     one; ``None`` from ``of`` means the model keeps PEFT's own."""
 
-    def __init__(self, model, names: list[str], layers: list[LoraLinear]) -> None:
+    def __init__(self, names: list[str], layers: list[LoraLinear]) -> None:
         self.names = names
         self.slot = {name: i for i, name in enumerate(names)}
+        self.device = next(iter(layers[0].lora_A.values())).weight.device
         self.rows: torch.Tensor | None = None
         self.stacks = {}
         for layer in layers:
@@ -121,15 +122,14 @@ class BatchedLora:
         if not configs or not all(getattr(c, "peft_type", None) == "LORA" and mixable(c) for c in configs.values()):
             return None
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "lora_embedding_A")]
-        if any(not isinstance(m, LoraLinear) or m.lora_embedding_A or m.merged for m in lora_layers):
+        if not lora_layers or any(not isinstance(m, LoraLinear) or m.lora_embedding_A or m.merged for m in lora_layers):
             return None
-        return cls(model, sorted(configs), lora_layers)
+        return cls(sorted(configs), lora_layers)
 
     def index(self, names: list[str | None]) -> None:
         """The rows' slots in the stacks (-1: the base model), for the step's forward."""
         slots = [self.slot[name] if name not in (None, BASE_ADAPTER) else -1 for name in names]
-        device = next(iter(self.stacks.values()))[0].device
-        self.rows = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
+        self.rows = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _forward(self, layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         for key in VARIANT_KWARG_KEYS:  # as PEFT's mixed forward: not the base layer's (none applies to plain LoRA)
