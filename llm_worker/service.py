@@ -204,7 +204,8 @@ class Worker:
             while len(ended) < len(requests):
                 index, event = await events.get()
                 if isinstance(event, Delta):
-                    first_text.setdefault(index, time.monotonic() - started)
+                    if event.text:
+                        first_text.setdefault(index, time.monotonic() - started)
                 else:
                     ended[index] = event, time.monotonic() - started
                 if isinstance(event, Failed):

@@ -192,10 +192,10 @@ def test_an_adapter_chosen_by_model_answers_as_the_native_adapter_field(served):
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
         (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         (CHAT, {"messages": []}, "messages"),
-        (COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, "echo"),
         (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
         (COMPLETIONS, {"prompt": "hi", "stop": ["x"] * 17}, "stop"),
-        (COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
+        (COMPLETIONS, {"prompt": [1, "a"]}, "prompt"),
         ("/v1/embeddings", {"input": "hi"}, "openai_route"),
     ],
 )

@@ -34,13 +34,13 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
     try:
         if worker.load_error:
             raise openai.unavailable(worker.load_error)
-        if route == openai.MODELS:
-            yield openai.models(worker)
+        if route in openai.PLAIN_ROUTES:
+            yield openai.plain_answer(worker, route, job.get("openai_input"))
             return
         if route not in (openai.CHAT, openai.COMPLETIONS):
             raise openai.OpenAIError(
-                f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS} "
-                f"and {openai.MODELS}",
+                f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS}, "
+                f"{', '.join(openai.PLAIN_ROUTES)}",
                 "openai_route",
                 "unknown_route",
                 status=404,

@@ -26,6 +26,7 @@ def forward_step(
     block_table: torch.Tensor,
     segments: tuple[Segment, ...] | None = None,
     windows: LayerWindows | None = None,
+    all_positions: bool = False,
     **model_kwargs,
 ) -> torch.Tensor:
     """One forward pass. ``input_ids``/``positions``: [rows, width] (left padding at position 0);
@@ -33,21 +34,22 @@ def forward_step(
     [rows, blocks]; ``segments`` (host ints): rows that read fewer blocks than the table's width;
     ``windows``: the layers' sliding windows, learned once. No mask goes in: the model builds its
     own mask rules and the pool's attention evaluates them at these positions. Returns the
-    logits of each row's last column, [rows, vocab]."""
-    return run_view(model, input_ids, PoolView(pool, write_index, block_table, positions, segments, windows), **model_kwargs)
+    logits of each row's last column, [rows, vocab]; ``all_positions``: of every column, [rows, width, vocab]."""
+    view = PoolView(pool, write_index, block_table, positions, segments, windows)
+    return run_view(model, input_ids, view, all_positions, **model_kwargs)
 
 
-def run_view(model: torch.nn.Module, input_ids: torch.Tensor, view: PoolView, **model_kwargs) -> torch.Tensor:
+def run_view(model: torch.nn.Module, input_ids: torch.Tensor, view: PoolView, all_positions: bool = False, **model_kwargs) -> torch.Tensor:
     use_pool_attention(model)
     output = model(
         input_ids=input_ids,
         position_ids=view.positions,
         cache=view,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if all_positions else 1,
         **model_kwargs,
     )
-    return output.logits[:, -1, :]
+    return output.logits if all_positions else output.logits[:, -1, :]
 
 
 @dataclass

@@ -74,6 +74,7 @@ class Lifecycle:
                 token_ids=list(seq.generated),
                 logprobs=list(seq.logprobs) if seq.request.logprobs is not None else None,
                 cached_tokens=seq.slot.cached,
+                prompt_logprobs=seq.prompt_logprobs if seq.request.prompt_logprobs is not None else None,
             ),
         )
 

@@ -36,6 +36,7 @@ from llm_worker.engine.beam_search import answer_with_beams
 from llm_worker.engine.kv_cache import BLOCK_SIZE, BlockAllocator, KVPool, KVShape, blocks_for, kv_budget_blocks
 from llm_worker.engine.lifecycle import Lifecycle
 from llm_worker.engine.memory import activation_dtype, profile_peak, return_freed_memory
+from llm_worker.engine.prompt_scoring import score_chunks, wants_scores
 from llm_worker.engine.requests import (
     Completion,
     Delta,
@@ -273,7 +274,11 @@ class Engine:
         finishing = [i for i, c in enumerate(group) if c.last]
         seqs = [group[i].seq for i in finishing]
         sampling = self.sampler.prepare(seqs, fresh=True) if seqs else None
-        logits = self.runner.run(prefill_inputs(group, self.pad_id), [c.seq.request.adapter for c in group])
+        scoring = wants_scores(group)
+        logits = self.runner.run(prefill_inputs(group, self.pad_id), [c.seq.request.adapter for c in group], scoring)
+        if scoring:
+            score_chunks(group, logits, self.life.send)
+            logits = logits[:, -1]
         for chunk in group:
             self.scheduler.prefilled(chunk)
         if seqs:

@@ -33,6 +33,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     adapter: str | None = None
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's (but the first) logprob and k alternatives
     grammar: Grammar | None = None  # the answer must follow it (a compiled json_schema, regex or choice)
     strip: bool = True  # answer without leading and trailing whitespace; False: exactly as generated
     job_id: str | None = None  # the job it answers, as the door names it (RunPod's job id): for the logs
@@ -56,12 +57,14 @@ class Completion:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens after the first, as the model scores them
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens decoded since the previous delta
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # once, before any text, when the request asks for them
 
 
 @dataclass(frozen=True)

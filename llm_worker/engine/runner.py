@@ -142,8 +142,9 @@ class StepRunner:
             log.debug("captured graph %s in %.2f s", index, time.perf_counter() - started)
         return self.graphs[index]
 
-    def run(self, inputs: StepInputs, adapters: list[str | None]) -> torch.Tensor:
-        """Logits [rows, vocab] of each row's last column, rows in the order given.
+    def run(self, inputs: StepInputs, adapters: list[str | None], all_positions: bool = False) -> torch.Tensor:
+        """Logits [rows, vocab] of each row's last column, rows in the order given; ``all_positions``:
+        of every column, [rows, width, vocab], always eagerly (scoring a prompt).
 
         Rows whose adapters PEFT cannot mix run as one forward per adapter (``adapter_groups``).
         A decoding step that can use CUDA graphs replays one graph, or two when one long context
@@ -152,17 +153,17 @@ class StepRunner:
         (``plan_segments``)."""
         groups = adapter_groups(self.model, adapters)
         if len(groups) == 1:
-            return self._run_group(inputs, adapters)
-        parts = [self._run_group(inputs.take(group), [adapters[i] for i in group]) for group in groups]
+            return self._run_group(inputs, adapters, all_positions)
+        parts = [self._run_group(inputs.take(group), [adapters[i] for i in group], all_positions) for group in groups]
         return self._in_order(torch.cat(parts), [i for group in groups for i in group])
 
-    def _run_group(self, inputs: StepInputs, adapters: list[str | None]) -> torch.Tensor:
+    def _run_group(self, inputs: StepInputs, adapters: list[str | None], all_positions: bool = False) -> torch.Tensor:
         lengths = inputs.context_lengths
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         context, kwargs, key = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow the rows
         if key is None and self.batched_lora is not None:
             self.batched_lora.index([adapters[i] for i in order])
-        if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1:
+        if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1 and not all_positions:
             groups = split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
             parts = [self._replay(inputs.take(group), key, context, kwargs) for group in groups]
             if len(parts) == 1:
@@ -170,7 +171,8 @@ class StepRunner:
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])
-        return self._in_order(self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None), order)
+        logits = self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None, all_positions)
+        return self._in_order(logits, order)
 
     def _replay(self, inputs: StepInputs, key: str, context, kwargs) -> torch.Tensor:
         rows = bucket(len(inputs.input_ids), self.rows_sizes)
@@ -180,13 +182,17 @@ class StepRunner:
             return self._eager(inputs, context, kwargs)
         return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
 
-    def _eager(self, inputs: StepInputs, context, kwargs, segments: tuple[Segment, ...] | None = None) -> torch.Tensor:
+    def _eager(
+        self, inputs: StepInputs, context, kwargs, segments: tuple[Segment, ...] | None = None, all_positions: bool = False
+    ) -> torch.Tensor:
         tensors = [
             torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, pad_tables(inputs.block_table))
         ]
         with context():
-            return forward_step(self.model, self.pool, *tensors, segments=segments, windows=self.windows, **kwargs)
+            return forward_step(
+                self.model, self.pool, *tensors, segments=segments, windows=self.windows, all_positions=all_positions, **kwargs
+            )
 
     def _in_order(self, logits: torch.Tensor, order: list[int]) -> torch.Tensor:
         """Rows computed in ``order`` put back in the caller's order."""

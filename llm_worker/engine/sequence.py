@@ -35,6 +35,8 @@ class Sequence:
     unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
     finish_reason: str | None = None
     matcher: LLMatcher | None = None  # where the answer stands in its grammar, when it has one
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, when the request asks
+    prompt_carry: torch.Tensor | None = None  # the last chunk's last logits row: it scores the next chunk's first token
 
     @classmethod
     def start(cls, id: int, request: GenerationRequest, sink: Sink, tokenizer, prefix_caching: bool) -> Sequence:
@@ -51,7 +53,8 @@ class Sequence:
             seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
         )
         slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
-        if prefix_caching and config.num_beams == 1:  # beam search computes outside the pool
+        # beam search computes outside the pool; a shared prompt block has no logits to score the prompt with
+        if prefix_caching and config.num_beams == 1 and request.prompt_logprobs is None:
             slot.prefix = prefix_hashes(request.prompt_ids, request.adapter or "")
         grammar = request.grammar
         text = AnswerText(tokenizer, request.stop, may_stop=grammar.accepts if grammar else None, strip=request.strip)

@@ -11,22 +11,29 @@ last, as runpod-workers/worker-vllm yields them (its default ``RAW_OPENAI_OUTPUT
 - ``prepare.py``: a request into engine requests (chat prompt, model or adapter, constraint);
 - ``tool_calls.py``: the tool-call grammar and the streamed tool-call splitter;
 - ``responses.py``: engine events into response objects and stream chunks;
+- ``tokenizer.py``: ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``, as vLLM shapes them;
 - ``api.py``: the entry points the doors call.
 """
 
-from llm_worker.openai.api import open_request
+from llm_worker.openai.api import PLAIN_ROUTES, open_request, plain_answer
 from llm_worker.openai.errors import OpenAIError, server_error, unavailable
 from llm_worker.openai.requests import CHAT, COMPLETIONS, MODELS
 from llm_worker.openai.responses import Response, models, sse
+from llm_worker.openai.tokenizer import DETOKENIZE, TOKENIZE, TOKENIZER_INFO
 
 __all__ = [
     "CHAT",
     "COMPLETIONS",
+    "DETOKENIZE",
     "MODELS",
     "OpenAIError",
+    "PLAIN_ROUTES",
     "Response",
+    "TOKENIZE",
+    "TOKENIZER_INFO",
     "models",
     "open_request",
+    "plain_answer",
     "server_error",
     "sse",
     "unavailable",

@@ -1,6 +1,6 @@
 """The OpenAI door's entry points over ``Worker``, shared by the RunPod job door (RunPod's gateway
 forwards ``/openai/v1/...`` as jobs) and the HTTP server: a chat or completions body checked and
-turned into its ``Response``, and the model list."""
+turned into its ``Response``, and the routes answered at once (the model list, the tokenizer's)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from llm_worker.logs import log_refused
 from llm_worker.openai.errors import OpenAIError, unavailable
 from llm_worker.openai.prepare import prepare
-from llm_worker.openai.requests import CHAT, check_size
-from llm_worker.openai.responses import Response
+from llm_worker.openai.requests import CHAT, MODELS, check_size
+from llm_worker.openai.responses import Response, models
+from llm_worker.openai.tokenizer import DETOKENIZE, TOKENIZE, TOKENIZER_INFO, detokenize, tokenize, tokenizer_info
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
@@ -31,3 +32,20 @@ def open_request(worker: Worker, route: str, body: Any, job_id: str | None = Non
         log_refused(job_id or response_id, str(err))
         raise
     return Response(worker, route, prepared, response_id)
+
+
+# Routes answered at once, without the engine: GET ones take no body.
+PLAIN_ROUTES = {
+    MODELS: lambda worker, body: models(worker),
+    TOKENIZER_INFO: lambda worker, body: tokenizer_info(worker),
+    TOKENIZE: tokenize,
+    DETOKENIZE: detokenize,
+}
+
+
+def plain_answer(worker: Worker, route: str, body: Any = None) -> dict[str, Any]:
+    """The answer of a route in ``PLAIN_ROUTES``; raises ``OpenAIError``."""
+    if worker.load_error:
+        raise unavailable(worker.load_error)
+    check_size(body, worker.limits.max_input_bytes)
+    return PLAIN_ROUTES[route](worker, body)

@@ -41,6 +41,39 @@ class Prepared:
     requests: list[GenerationRequest]
     prompts: int
     tool_call: bool = False  # each answer is a call of one of the request's tools
+    echo: tuple[Echo, ...] | None = None  # completions with echo: each prompt, to begin its answers
+    prompt_only: bool = False  # max_tokens 0: the engine's one token is not part of the answer
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A completion's prompt as its answer begins with it: the text as sent (token ids: decoded), and its tokens."""
+
+    text: str
+    ids: list[int]
+
+
+def completion_prompts(worker: Worker, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Echo]:
+    """A completion's prompts: one text, several, one prompt of token ids, or several."""
+    tokenizer = worker.loaded.tokenizer
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise OpenAIError("prompt: must not be empty", "prompt")
+    prompts = []
+    for i, item in enumerate(prompt):
+        param = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
+        if isinstance(item, str):
+            prompts.append(Echo(item, tokenizer(item)["input_ids"]))
+            continue
+        if not item:
+            raise OpenAIError(f"{param}: a prompt of token ids must not be empty", param)
+        vocab = worker.engine.vocab
+        wrong = next((token for token in item if not 0 <= token < vocab), None)
+        if wrong is not None:
+            raise OpenAIError(f"{param}: token id {wrong} is not in the vocabulary (0 to {vocab - 1})", param)
+        prompts.append(Echo(tokenizer.decode(item), list(item)))
+    return prompts
 
 
 def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | None = None) -> tuple[list[int], tuple[str, ...]]:
@@ -128,12 +161,12 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         )
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
-        texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        if not texts:
-            raise OpenAIError("prompt: must not be empty", "prompt")
-        tokenizer = worker.loaded.tokenizer
-        prompts = [(tokenizer(text)["input_ids"], ()) for text in texts]
+        echoes = completion_prompts(worker, request.prompt)
+        prompts = [(echo.ids, ()) for echo in echoes]
         max_tokens, max_param, logprobs = request.max_tokens, "max_tokens", request.logprobs
+        prompt_only = max_tokens == 0
+        if prompt_only:  # the engine answers at least one token: it is left out of the answer
+            max_tokens = 1
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     requests = []
     for ids, template_stop in prompts:
@@ -154,7 +187,8 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
             base = worker.request(ids, config, tuple(stop) + template_stop, adapter, job_id)
             if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
-                base = replace(base, strip=False)
+                scored = logprobs if request.echo else None
+                base = replace(base, strip=False, prompt_logprobs=scored)
         except ValidationError as err:
             item = err.errors(include_url=False)[0]
             param = params.get(str(item["loc"][0]), str(item["loc"][0])) if item["loc"] else None
@@ -165,7 +199,10 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             raise OpenAIError(f"{param}: {rest}", param) from None
         requests += worker.choices(base)
     tool_call = constrained is not None and constrained[1] == "tools"
-    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), tool_call)
+    if chat:
+        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), tool_call)
+    echo = tuple(echoes) if request.echo else None
+    return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), echo=echo, prompt_only=prompt_only)
 
 
 def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:

@@ -156,14 +156,24 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # text, several texts, token ids, or several prompts of token ids (evaluation harnesses send ids)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: no answer, the prompt only (with echo, scored)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the answer begins with the prompt (with logprobs: each prompt token's, the first null)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
 
 def parse(model: type[_Request], body: Any) -> _Request:
+    """A chat or completions body, checked: OpenAI's error for its first problem."""
+    request = parse_body(model, body)
+    refuse_unsupported(request)
+    return request
+
+
+def parse_body(model: type[_Body], body: Any) -> _Body:
+    """A body of this door (any route) as ``model``, or OpenAI's error naming the first problem."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -177,7 +187,6 @@ def parse(model: type[_Request], body: Any) -> _Request:
                 f"Unrecognized request argument supplied: {param} (this worker does not support it{'; ' + meant if meant else ''})", param
             ) from None
         raise OpenAIError(f"{param}: {item['msg']}", param) from None
-    refuse_unsupported(request)
     return request
 
 
@@ -193,18 +202,18 @@ ALIASES = {
 NATIVE = ("prompt_config", "generation_config", "adapter")
 
 
-def unknown_hint(model: type[_Request], param: str) -> str | None:
+def unknown_hint(model: type[_Body], param: str) -> str | None:
     """What an unknown top-level parameter was probably meant to be."""
     if "." in param or "[" in param:
         return None
     chat = model is ChatRequest
-    if param in NATIVE:
+    if param in NATIVE and issubclass(model, _Request):
         return "a native event (prompt_config, generation_config, adapter) goes to POST /generate, or as a RunPod job's input"
     if param == "prompt" and chat:
         return "did you mean messages? a bare prompt goes to /v1/completions"
-    if param == "messages" and not chat:
+    if param == "messages" and model is CompletionRequest:
         return "did you mean prompt? messages go to /v1/chat/completions"
-    if param in ALIASES:
+    if param in ALIASES and issubclass(model, _Request):
         return f"did you mean {'max_completion_tokens or ' if chat and ALIASES[param] == 'max_tokens' else ''}{ALIASES[param]}?"
     close = difflib.get_close_matches(param.lower(), list(model.model_fields), n=1, cutoff=0.75)
     return f"did you mean {close[0]}?" if close else None
@@ -237,8 +246,6 @@ def refuse_unsupported(request: _Request) -> None:
     if isinstance(request, ChatRequest) and request.top_logprobs is not None and not request.logprobs:
         raise OpenAIError("top_logprobs: needs logprobs set to true", "top_logprobs")
     if isinstance(request, CompletionRequest):
-        if request.echo:
-            raise OpenAIError("echo: not supported (the worker returns only the completion)", "echo")
         if request.suffix:
             raise OpenAIError("suffix: not supported (no fill-in-the-middle)", "suffix")
         if request.best_of not in (None, request.n):

@@ -7,11 +7,12 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from llm_worker.engine import Completion, Delta, EngineError, TokenLogprob
 from llm_worker.openai.errors import server_error
-from llm_worker.openai.prepare import Prepared, model_names
+from llm_worker.openai.prepare import Echo, Prepared, model_names
 from llm_worker.openai.requests import CHAT
 from llm_worker.openai.tool_calls import CallStream
 
@@ -32,6 +33,7 @@ class Response:
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
         self.with_logprobs = prepared.requests[0].logprobs is not None
+        self.written = [0] * len(prepared.requests)  # characters of text streamed per choice (text_offset)
 
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -71,16 +73,30 @@ class Response:
                     for item in items
                 ]
             }
-        tokens = [text(item.token_id) for item in items]
-        offsets = [sum(len(token) for token in tokens[:i]) for i in range(len(tokens))]
+        return self.text_logprobs([(item.token_id, item.logprob, item.top) for item in items])
+
+    def text_logprobs(self, items: Sequence[tuple[int, float | None, Any]], offset: int = 0) -> dict[str, Any]:
+        """A completion's logprobs from (token, logprob, top) triples; a prompt's first token has
+        None for both (nothing before it to score it). ``offset``: where the first token's text starts
+        in the choice's text."""
+        text = self.worker.token_text
+        tokens = [text(token) for token, _, _ in items]
+        offsets = [offset + sum(len(token) for token in tokens[:i]) for i in range(len(tokens))]
         return {
             "tokens": tokens,
-            "token_logprobs": [item.logprob for item in items],
-            "top_logprobs": [{text(token): logprob for token, logprob in item.top} for item in items],
+            "token_logprobs": [logprob for _, logprob, _ in items],
+            "top_logprobs": [None if top is None else {text(token): value for token, value in top} for _, _, top in items],
             "text_offset": offsets,
         }
 
+    def echo_logprobs(self, echo: Echo, scored: Sequence[TokenLogprob], answer: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """The logprobs of an echoed prompt's tokens, then of its answer's."""
+        first = [(echo.ids[0], None, None)]
+        return self.text_logprobs(first + [(item.token_id, item.logprob, item.top) for item in [*scored, *answer]])
+
     def whole(self, completions: list[Completion]) -> dict[str, Any]:
+        if self.prepared.prompt_only:
+            completions = [prompt_only(done) for done in completions]
         choices = []
         for index, done in enumerate(completions):
             choice: dict[str, Any] = {"index": index}
@@ -91,12 +107,21 @@ class Response:
                 choice["message"], finish_reason = message, "tool_calls"
             elif self.chat:
                 choice["message"] = {"role": "assistant", "content": done.text}
+            elif self.prepared.echo:
+                echo = self.echo(index)
+                choice["text"] = echo.text + done.text
+                scored = done.prompt_logprobs or []
+                choice["logprobs"] = self.echo_logprobs(echo, scored, done.logprobs or []) if self.with_logprobs else None
             else:
                 choice["text"] = done.text
-            choice["logprobs"] = self.logprobs(done.logprobs or [])
+            choice.setdefault("logprobs", self.logprobs(done.logprobs or []))
             choice["finish_reason"] = finish_reason
             choices.append(choice)
         return self.envelope(choices, usage=self.usage(completions))
+
+    def echo(self, index: int) -> Echo:
+        """The prompt choice ``index`` answers (``n`` choices per prompt)."""
+        return self.prepared.echo[index // self.prepared.body.n]
 
     def tool_call(self, index: int, name: str, arguments: Any = None, stream_index: int | None = None) -> dict[str, Any]:
         """A tool call of choice ``index``; its id is the same in the stream and in the whole answer."""
@@ -116,15 +141,22 @@ class Response:
         return sse(self.envelope([choice], **extra))
 
     def chunk(
-        self, index: int, text: str | None, logprobs: Sequence[TokenLogprob], finish_reason: str | None = None, first: bool = False
+        self, index: int, text: str | None, logprobs: Sequence[TokenLogprob] | dict[str, Any], finish_reason: str | None = None,
+        first: bool = False,
     ) -> str:
-        """One stream chunk; ``text`` None: the choice's closing chunk; ``first``: the chat chunk that names the role."""
+        """One stream chunk; ``text`` None: the choice's closing chunk; ``first``: the chat chunk that
+        names the role. A completion's ``logprobs`` may come shaped (an echoed prompt's)."""
         choice: dict[str, Any] = {"index": index}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {} if text is None else {"content": text}
+            choice["logprobs"] = None if first else self.logprobs(logprobs)
         else:
             choice["text"] = text or ""
-        choice["logprobs"] = None if first else self.logprobs(logprobs)
+            if isinstance(logprobs, dict) or not self.with_logprobs:
+                choice["logprobs"] = logprobs or None
+            else:
+                choice["logprobs"] = self.text_logprobs([(i.token_id, i.logprob, i.top) for i in logprobs], self.written[index])
+            self.written[index] += len(choice["text"])
         choice["finish_reason"] = finish_reason and FINISH_REASONS.get(finish_reason, finish_reason)
         extra = {"usage": None} if self.include_usage else {}
         return sse(self.envelope([choice], **extra))
@@ -164,15 +196,25 @@ class Response:
         if self.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(requests)):
                 yield self.chunk(index, "", (), first=True)
+        elif self.prepared.echo and not self.with_logprobs:  # the prompt first; with logprobs, once they are scored
+            for index in range(len(requests)):
+                yield self.chunk(index, self.echo(index).text, ())
         async for index, event in self.worker.events(requests):
             if isinstance(event, Delta):
-                if calls is not None:
+                if event.prompt_logprobs and self.prepared.echo:
+                    echo = self.echo(index)
+                    yield self.chunk(index, echo.text, self.echo_logprobs(echo, event.prompt_logprobs, ()))
+                elif self.prepared.prompt_only:
+                    pass
+                elif calls is not None:
                     for piece in calls[index].add(event.text):
                         yield self.call_chunk(index, *piece)
                 elif event.text or event.logprobs:
                     sent[index] += len(event.logprobs)
                     yield self.chunk(index, event.text, event.logprobs)
                 continue
+            if self.prepared.prompt_only:
+                event = prompt_only(event)
             finished[index] = event
             if calls is not None:
                 complete = FINISH_REASONS[event.finish_reason] == "stop"
@@ -184,6 +226,11 @@ class Response:
         if self.include_usage:
             completions = [finished[index] for index in range(len(requests))]
             yield sse(self.envelope([], usage=self.usage(completions)))
+
+
+def prompt_only(done: Completion) -> Completion:
+    """An answer to ``max_tokens`` 0: the one token the engine computed is not part of it."""
+    return replace(done, text="", finish_reason="length", completion_tokens=0, token_ids=[], logprobs=[] if done.logprobs is not None else None)
 
 
 def _token(text: str) -> dict[str, Any]:
