@@ -160,7 +160,8 @@ class Worker:
             chosen = None  # already in the weights
         grammar = self.grammars.compile(*config.constraint) if config.constraint is not None else None
         return GenerationRequest(
-            prompt_ids=ids, config=config, stop=stop, adapter=chosen, logprobs=config.logprobs, grammar=grammar, job_id=job_id
+            prompt_ids=ids, config=config, stop=stop, adapter=chosen, adapter_revision=self.adapters.revision(chosen),
+            logprobs=config.logprobs, grammar=grammar, job_id=job_id,
         )
 
     def prepare(self, raw: Any, job_id: str | None = None) -> tuple[JobInput | ListAdaptersInput, GenerationRequest | None]:
@@ -240,6 +241,18 @@ class Worker:
                     watcher(record)
                 except Exception:  # a watcher's bug must not cost the answer
                     log.exception("a request watcher failed")
+
+    def load_adapter(self, name: str, source: str) -> str:
+        """Serve one more adapter while running (``ALLOW_RUNTIME_ADAPTERS``); raises ``InputError`` or
+        ``AdapterError`` naming what is wrong. Returns where it was found."""
+        if not self.settings.allow_runtime_adapters:
+            raise InputError("adapters are loaded at run time only with ALLOW_RUNTIME_ADAPTERS=1")
+        return str(self.adapters.add(name, source, self.engine.model, self.loaded.tokenizer))
+
+    def unload_adapter(self, name: str) -> None:
+        if not self.settings.allow_runtime_adapters:
+            raise InputError("adapters are unloaded at run time only with ALLOW_RUNTIME_ADAPTERS=1")
+        self.adapters.remove(name)
 
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included), for logprobs."""

@@ -76,6 +76,9 @@ class Settings(Environment):
     max_loaded_adapters: int = Field(8, ge=1, le=256, description="Adapters kept loaded; the least recently used goes.")
     max_lora_rank: int = Field(64, ge=1, description="Adapters of a higher LoRA rank are refused.")
     allow_hub_adapters: bool = Field(False, description="Let LORA_ADAPTERS entries be fetched from the Hub.")
+    allow_runtime_adapters: bool = Field(
+        False, description="Let the HTTP server's POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters."
+    )
 
     max_new_tokens_limit: int = Field(2048, ge=1, description="Largest max_new_tokens a job may ask for.")
     max_input_tokens: int = Field(4096, ge=1, description="Longest prompt in tokens (also capped by the context).")

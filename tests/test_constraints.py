@@ -326,7 +326,7 @@ def test_response_format_through_the_openai_client(client):
 def test_tool_calls_plain_and_streamed_through_the_openai_client(client):
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     answer = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=64, temperature=0
+        model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, max_tokens=64, temperature=0
     )
     assert isinstance(answer, ChatCompletion) and answer.choices[0].finish_reason == "tool_calls"
     (call,) = answer.choices[0].message.tool_calls
@@ -335,7 +335,8 @@ def test_tool_calls_plain_and_streamed_through_the_openai_client(client):
     jsonschema.validate(json.loads(call.function.arguments), parameters)
 
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=64, temperature=0, stream=True
+        model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, max_tokens=64,
+        temperature=0, stream=True,
     )
     name, arguments, pieces, finish = None, "", 0, None
     for chunk in stream:
@@ -360,6 +361,5 @@ def test_tool_calls_plain_and_streamed_through_the_openai_client(client):
         ],
     )
     assert followed.choices[0].message.content
-    with pytest.raises(openai.BadRequestError) as auto:
-        client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
-    assert auto.value.param == "tool_choice" and '"required"' in auto.value.message
+    auto = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=64, temperature=0).choices[0]
+    assert auto.message.tool_calls or (auto.message.content and "<tool_call>" not in auto.message.content)  # the model's choice

@@ -206,5 +206,5 @@ async def native_events(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator
 
 
 def is_error(event: str) -> bool:
-    """Whether a server-sent event is an error (native ``{"error": "..."}`` or OpenAI's error object)."""
-    return event.startswith('data: {"error":')
+    """Whether a server-sent event is an error (native ``{"error": "..."}``, OpenAI's error object, a failed response)."""
+    return event.startswith(('data: {"error":', "event: response.failed"))

@@ -37,9 +37,9 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
         if route in openai.PLAIN_ROUTES:
             yield openai.plain_answer(worker, route, job.get("openai_input"))
             return
-        if route not in (openai.CHAT, openai.COMPLETIONS):
+        if route not in (openai.CHAT, openai.COMPLETIONS, openai.RESPONSES):
             raise openai.OpenAIError(
-                f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS}, "
+                f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS}, {openai.RESPONSES}, "
                 f"{', '.join(openai.PLAIN_ROUTES)}",
                 "openai_route",
                 "unknown_route",

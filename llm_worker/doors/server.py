@@ -6,8 +6,10 @@
 - ``GET /``: alive, as the seed. ``GET /health``: 200 once the model is loaded, else 503 and why.
 - ``POST /generate``: a native event (the seed's ``generation_config`` + ``prompt_config``, and
   every other field of the job input); with ``"stream": true``, server-sent events.
-- ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``: the OpenAI door;
-  ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: the tokenizer, as vLLM serves it.
+- ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``: the OpenAI door;
+  ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: the tokenizer, as vLLM serves it;
+  ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``: adapters while running, as vLLM's
+  (with ``ALLOW_RUNTIME_ADAPTERS=1``).
 - ``GET /metrics``: Prometheus text.
 
 Many clients share the engine's batches; a client that disconnects cancels its request. With
@@ -19,6 +21,7 @@ fails the rest with an error, and exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import threading
 import uuid
@@ -27,7 +30,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from llm_worker import openai
@@ -36,6 +39,7 @@ from llm_worker.doors.metrics import CONTENT_TYPE
 from llm_worker.engine import EngineError
 from llm_worker.errors import InputError
 from llm_worker.logs import configure_logging
+from llm_worker.model.adapters import AdapterError
 from llm_worker.openai import OpenAIError
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, SettingsError
@@ -78,8 +82,8 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     @app.exception_handler(HTTPException)
     async def unrouted(request: Request, err: HTTPException) -> JSONResponse:
         known = (
-            "; routes: GET /, GET /health, POST /generate, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
-            "POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics"
+            "; routes: GET /, GET /health, POST /generate, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, "
+            "POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics"
         )
         failure = Failure(err.status_code, f"{request.method} {request.url.path}: {err.detail}{known}")
         return JSONResponse(failure.body(request.url.path), err.status_code, headers=err.headers)
@@ -171,6 +175,34 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     @app.post(openai.COMPLETIONS)
     async def completions(request: Request) -> Response:
         return await openai_route(request, openai.COMPLETIONS)
+
+    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
+    async def runtime_adapter(request: Request) -> PlainTextResponse:
+        """vLLM's routes: ``{"lora_name", "lora_path"}`` loads, ``{"lora_name"}`` unloads (ALLOW_RUNTIME_ADAPTERS)."""
+        worker, route = door.ready(), request.url.path
+        body = await read_json(request, worker.limits.max_input_bytes)
+        loading = route == "/v1/load_lora_adapter"
+        fields = ("lora_name", "lora_path") if loading else ("lora_name",)
+        if not isinstance(body, dict) or any(not isinstance(body.get(field), str) for field in fields):
+            raise Failure(400, f"body: must be a JSON object with {' and '.join(fields)} (strings)")
+        if set(body) - {*fields, "lora_int_id", "base_model_name"}:
+            raise Failure(400, f"body: unknown fields {sorted(set(body) - {*fields, 'lora_int_id', 'base_model_name'})}")
+        try:
+            if loading:
+                await asyncio.to_thread(worker.load_adapter, body["lora_name"], body["lora_path"])
+            else:
+                worker.unload_adapter(body["lora_name"])
+        except (InputError, AdapterError) as err:
+            status = 403 if "ALLOW_RUNTIME_ADAPTERS" in str(err) else 400
+            raise Failure(status, str(err)) from None
+        door.metrics.request(route, "success")
+        done = "added" if loading else "removed"
+        return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' {done} successfully.")
+
+    @app.post(openai.RESPONSES)
+    async def responses(request: Request) -> Response:
+        return await openai_route(request, openai.RESPONSES)
 
     return app
 

@@ -46,7 +46,7 @@ class ConstraintError(InputError):
 class Grammar:
     """A compiled constraint. ``matcher`` is never advanced: each request starts from a copy."""
 
-    field: str  # json_schema | regex | choice
+    field: str  # json_schema | regex | choice | tools
     matcher: llguidance.LLMatcher
     tokenizer: llguidance.LLTokenizer
 
@@ -93,12 +93,22 @@ class Grammars:
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
         if len(text.encode()) > MAX_SPEC_BYTES:
             raise ConstraintError(f"{name}: {len(text.encode())} bytes as JSON; at most {MAX_SPEC_BYTES}")
-        key = f"{field}:{text}"
+        return self._cached(f"{field}:{text}", field, name, lambda: _grammar(name, field, spec))
+
+    def compile_lark(self, field: str, lark: str) -> Grammar:
+        """A Lark grammar in llguidance's dialect (``%json`` included), built by a door (tool
+        calls); refusals name ``generation_config.<field>``."""
+        name = f"generation_config.{field}"
+        if len(lark.encode()) > MAX_SPEC_BYTES:
+            raise ConstraintError(f"{name}: its grammar is {len(lark.encode())} bytes; at most {MAX_SPEC_BYTES}")
+        return self._cached(f"{field}:lark:{lark}", field, name, lambda: llguidance.LLMatcher.grammar_from_lark(lark))
+
+    def _cached(self, key: str, field: str, name: str, build) -> Grammar:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            grammar = Grammar(field, self._matcher(name, _grammar(name, field, spec)), self.tokenizer)
+            grammar = Grammar(field, self._matcher(name, build()), self.tokenizer)
             self.compiled += 1
             self._cache[key] = grammar
             if len(self._cache) > CACHE_SIZE:
@@ -117,7 +127,7 @@ class Grammars:
 
 def _grammar(name: str, field: str, spec: Any) -> str:
     if field == "json_schema":
-        depth = _depth(spec)
+        depth = json_depth(spec)
         if depth > MAX_DEPTH:
             raise ConstraintError(f"{name}: nested {depth} levels deep; at most {MAX_DEPTH}")
         return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(spec), overrides=JSON_LAYOUT)
@@ -155,7 +165,7 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
-def _depth(value: Any) -> int:
+def json_depth(value: Any) -> int:
     """Nesting depth of a JSON value, without recursion (a hostile schema may be very deep)."""
     deepest, stack = 0, [(value, 1)]
     while stack:

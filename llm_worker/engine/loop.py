@@ -233,7 +233,7 @@ class Engine:
         if name is None:
             return True
         in_use = {s.request.adapter for s in [*self.scheduler.running, *self.scheduler.prefilling]}
-        loading = not self.adapters.is_loaded(name)
+        generation = self.adapters.generation
         try:
             model = self.adapters.activate(self.model, name, in_use, self.tokenizer)
         except AdapterSlotsBusy:
@@ -242,7 +242,7 @@ class Engine:
             message = str(err) if isinstance(err, AdapterError) else f"adapter {name!r}: {err}"
             self.life.fail([seq], message)
             return None
-        if loading:
+        if self.adapters.generation != generation:  # loaded, unloaded or evicted an adapter
             self.model = model
             self.runner.set_model(model)
         return True

@@ -32,6 +32,7 @@ class GenerationRequest:
     config: GenerationConfig
     stop: tuple[str, ...] = ()
     adapter: str | None = None
+    adapter_revision: str = ""  # the adapter's name and revision (default: its name): prompt blocks are shared only within it
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's (but the first) logprob and k alternatives
     grammar: Grammar | None = None  # the answer must follow it (a compiled json_schema, regex or choice)

@@ -55,7 +55,7 @@ class Sequence:
         slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
         # beam search computes outside the pool; a shared prompt block has no logits to score the prompt with
         if prefix_caching and config.num_beams == 1 and request.prompt_logprobs is None:
-            slot.prefix = prefix_hashes(request.prompt_ids, request.adapter or "")
+            slot.prefix = prefix_hashes(request.prompt_ids, request.adapter_revision or request.adapter or "")
         grammar = request.grammar
         text = AnswerText(tokenizer, request.stop, may_stop=grammar.accepts if grammar else None, strip=request.strip)
         seq = cls(id, request, sink, RequestHandle(), time.monotonic(), slot, params, text)

@@ -1,8 +1,11 @@
 """Per-request LoRA adapters: finding them by name, checking them, loading them lazily (LRU).
 
-Names come from three places: the folders of ``ADAPTER_DIR`` (one PEFT adapter folder per
-name), ``LORA_ADAPTERS`` (``name=path_or_hub_id,...``) and ``LORA_WEIGHTS`` (the default
-adapter, named after its last path part). ``base`` always means the plain base model.
+Names come from four places: the folders of ``ADAPTER_DIR`` (one PEFT adapter folder per
+name, looked up at each request), ``LORA_ADAPTERS`` (``name=path_or_hub_id,...``), ``LORA_WEIGHTS``
+(the default adapter, named after its last path part) and, with ``ALLOW_RUNTIME_ADAPTERS=1``, the
+server's ``/v1/load_lora_adapter`` (``add``; ``remove`` takes one away again). ``base`` always
+means the plain base model. Each name has a revision, so that prompt blocks cached under one
+adapter are never shared with another adapter loaded later under the same name.
 
 Loading happens on the engine thread between steps (PEFT edits the model's layers, which must
 not happen under a running forward); everything that can fail is checked first, from the adapter's
@@ -42,7 +45,7 @@ class AdapterSlotsBusy(RuntimeError):
 class AdapterSource:
     name: str
     source: str  # a folder, or a Hub id
-    origin: str  # ADAPTER_DIR | LORA_ADAPTERS | LORA_WEIGHTS
+    origin: str  # ADAPTER_DIR | LORA_ADAPTERS | LORA_WEIGHTS | RUNTIME
 
 
 class AdapterManager:
@@ -53,6 +56,10 @@ class AdapterManager:
         self.configured = parse_adapter_list(settings.lora_adapters)
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self.runtime: dict[str, AdapterSource] = {}  # added while serving (/v1/load_lora_adapter)
+        self._revisions: dict[str, int] = {}
+        self._retired: set[str] = set()  # loaded in the model, but removed: deleted once no request uses them
+        self.generation = 0  # counts changes to the model's adapters (its forward changes with them)
 
     # ------------------------------------------------------------------ names
     def known(self) -> dict[str, AdapterSource]:
@@ -70,7 +77,46 @@ class AdapterManager:
             found[name] = AdapterSource(name, source, "LORA_ADAPTERS")
         if self.settings.lora_weights and self.default:
             found[self.default] = AdapterSource(self.default, self.settings.lora_weights, "LORA_WEIGHTS")
+        found.update(self.runtime)
         return found
+
+    def revision(self, name: str | None) -> str:
+        """The adapter's name and revision, as the prefix cache keys its blocks."""
+        return "" if name is None else f"{name}#{self._revisions.get(name, 0)}"
+
+    def add(self, name: str, source: str, model, tokenizer=None) -> Path:
+        """Serve a new adapter under ``name`` (``ALLOW_RUNTIME_ADAPTERS``): a local folder, or a Hub
+        id with ``ALLOW_HUB_ADAPTERS``; checked against ``model`` as a configured one is. It loads
+        at its first request. Raises ``InputError`` for a bad or taken name, ``AdapterError`` for a
+        bad adapter."""
+        if not NAME_PATTERN.match(name) or name == BASE:
+            raise InputError("lora_name: must be a name of 1-64 letters, digits, '.', '_' or '-', not base")
+        if name in self.known() or name == self.merged:
+            raise InputError(f"lora_name: an adapter named {name!r} is already served; unload it first, or choose another name")
+        try:
+            folder = resolve_adapter_source(source, self.settings, allow_hub=self.settings.allow_hub_adapters)
+        except ModelSourceError as err:
+            hint = "" if self.settings.allow_hub_adapters else " (a Hub id needs ALLOW_HUB_ADAPTERS=1)"
+            raise AdapterError(f"lora_path: {err}{hint}") from None
+        check_compatible(model, folder, name, self.settings.max_lora_rank, tokenizer)
+        with self._lock:  # a previous version still loaded is replaced at this one's first request
+            self.runtime[name] = AdapterSource(name, str(folder), "RUNTIME")
+            self._revisions[name] = self._revisions.get(name, 0) + 1
+        log.info("Added adapter %s from %s (loads at its first request)", name, folder)
+        return folder
+
+    def remove(self, name: str) -> None:
+        """Stop serving an adapter added with ``add``; its weights leave the model once no running
+        request uses it (at the next adapter change on the engine thread)."""
+        with self._lock:
+            if name not in self.runtime:
+                origin = self.known().get(name)
+                reason = f"it comes from {origin.origin}, not from a load at run time" if origin else "no such adapter"
+                raise InputError(f"lora_name: {name!r} cannot be unloaded: {reason}")
+            del self.runtime[name]
+            if name in self._loaded:
+                self._retired.add(name)
+        log.info("Removed adapter %s", name)
 
     def choose(self, requested: str | None) -> str | None:
         """The adapter a request runs with (None: the base model); refuses unknown or unsafe names."""
@@ -119,13 +165,22 @@ class AdapterManager:
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
-            return name in self._loaded
+            return name in self._loaded and name not in self._retired
 
     # ------------------------------------------------------------------ loading (engine thread)
     def activate(self, model, name: str, in_use: set[str], tokenizer=None):
         """Make ``name`` loaded (evicting the least recently used idle adapter if needed) and
-        return the model to run, which becomes a ``PeftModel`` with the first adapter."""
+        return the model to run, which becomes a ``PeftModel`` with the first adapter. Removed
+        adapters no request uses are deleted first; ``generation`` counts every change."""
         with self._lock:
+            for retired in [n for n in self._retired if n not in in_use]:
+                del self._loaded[retired]
+                model.delete_adapter(retired)
+                self._retired.discard(retired)
+                self.generation += 1
+                log.info("Unloaded adapter %s (removed)", retired)
+            if name in self._retired:
+                raise AdapterSlotsBusy(name)  # the new version waits for the old one's requests
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return model
@@ -138,10 +193,12 @@ class AdapterManager:
                     raise AdapterSlotsBusy(name)
                 del self._loaded[idle]
                 model.delete_adapter(idle)
+                self.generation += 1
                 log.info("Unloaded adapter %s (least recently used)", idle)
         model = load_into(model, folder, name)
         with self._lock:
             self._loaded[name] = folder
+            self.generation += 1
         log.info("Loaded adapter %s from %s", name, folder)
         return model
 

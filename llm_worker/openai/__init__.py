@@ -11,6 +11,7 @@ last, as runpod-workers/worker-vllm yields them (its default ``RAW_OPENAI_OUTPUT
 - ``prepare.py``: a request into engine requests (chat prompt, model or adapter, constraint);
 - ``tool_calls.py``: the tool-call grammar and the streamed tool-call splitter;
 - ``responses.py``: engine events into response objects and stream chunks;
+- ``responses_api.py``: the Responses API (``/v1/responses``), stateless, over the chat request it means;
 - ``tokenizer.py``: ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``, as vLLM shapes them;
 - ``api.py``: the entry points the doors call.
 """
@@ -19,6 +20,7 @@ from llm_worker.openai.api import PLAIN_ROUTES, open_request, plain_answer
 from llm_worker.openai.errors import OpenAIError, server_error, unavailable
 from llm_worker.openai.requests import CHAT, COMPLETIONS, MODELS
 from llm_worker.openai.responses import Response, models, sse
+from llm_worker.openai.responses_api import RESPONSES
 from llm_worker.openai.tokenizer import DETOKENIZE, TOKENIZE, TOKENIZER_INFO
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "MODELS",
     "OpenAIError",
     "PLAIN_ROUTES",
+    "RESPONSES",
     "Response",
     "TOKENIZE",
     "TOKENIZER_INFO",

@@ -10,23 +10,26 @@ from typing import TYPE_CHECKING, Any
 from llm_worker.logs import log_refused
 from llm_worker.openai.errors import OpenAIError, unavailable
 from llm_worker.openai.prepare import prepare
-from llm_worker.openai.requests import CHAT, MODELS, check_size
+from llm_worker.openai.requests import CHAT, COMPLETIONS, MODELS, check_size
 from llm_worker.openai.responses import Response, models
+from llm_worker.openai.responses_api import RESPONSES, ResponsesAnswer
 from llm_worker.openai.tokenizer import DETOKENIZE, TOKENIZE, TOKENIZER_INFO, detokenize, tokenize, tokenizer_info
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
 
 
-def open_request(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Response:
-    """A chat or completions request body, checked and turned into its ``Response``; raises
+def open_request(worker: Worker, route: str, body: Any, job_id: str | None = None) -> Response | ResponsesAnswer:
+    """A chat, completions or Responses request body, checked and turned into its answer; raises
     ``OpenAIError`` (and logs the refusal). The logs name the job ``job_id`` (RunPod's), else by
     the response's id."""
-    response_id = f"{'chatcmpl' if route == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+    response_id = f"{'chatcmpl' if route == CHAT else 'cmpl' if route == COMPLETIONS else 'resp'}-{uuid.uuid4().hex}"
     try:
         if worker.load_error:
             raise unavailable(worker.load_error)
         check_size(body, worker.limits.max_input_bytes)
+        if route == RESPONSES:
+            return ResponsesAnswer(worker, body, job_id or response_id)
         prepared = prepare(worker, route, body, job_id or response_id)
     except OpenAIError as err:
         log_refused(job_id or response_id, str(err))

@@ -21,11 +21,12 @@ from llm_worker.openai.requests import (
     JsonObjectFormat,
     JsonSchemaResponseFormat,
     Message,
+    NamedToolChoice,
     Tool,
     _Request,
     parse,
 )
-from llm_worker.openai.tool_calls import called_tools, tool_call_schema
+from llm_worker.openai.tool_calls import call_grammar, describe_tools, offered_tools, tool_format
 from llm_worker.schema import GenerationConfig
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class Prepared:
     model: str
     requests: list[GenerationRequest]
     prompts: int
-    tool_call: bool = False  # each answer is a call of one of the request's tools
+    tool_calls: str | None = None  # auto: each answer is text or calls of the request's tools; required: calls
     echo: tuple[Echo, ...] | None = None  # completions with echo: each prompt, to begin its answers
     prompt_only: bool = False  # max_tokens 0: the engine's one token is not part of the answer
 
@@ -76,11 +77,16 @@ def completion_prompts(worker: Worker, prompt: str | list[str] | list[int] | lis
     return prompts
 
 
-def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | None = None) -> tuple[list[int], tuple[str, ...]]:
+def chat_prompt(
+    worker: Worker, messages: list[Message], tools: list[Tool] | None = None, offered: list[Tool] | None = None
+) -> tuple[list[int], tuple[str, ...]]:
     """Token ids of the conversation through the chat template (``CHAT_TEMPLATE``, else the
-    model's own), and the stop strings that template implies."""
+    model's own), and the stop strings that template implies. ``offered``: the tools the answer
+    may call; a template that ignores tools gets them described (``tool_calls.describe_tools``)."""
     tokenizer = worker.loaded.tokenizer
     template = worker.settings.chat_template
+    if template not in file_templates() and offered and tool_format(tokenizer, template).describe:
+        return _render(worker, describe_tools(messages, offered), None)
     if template in file_templates():
         if tools or any(m.role == "tool" for m in messages):
             raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
@@ -94,6 +100,12 @@ def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | Non
         prompt = render_prompt(tokenizer, template, instruction + next(m.text for m in messages if m.role == "user"))
         ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         return ids, prompt.stop
+    functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    return _render(worker, [m.for_template() for m in messages], functions)
+
+
+def _render(worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None) -> tuple[list[int], tuple[str, ...]]:
+    tokenizer, template = worker.loaded.tokenizer, worker.settings.chat_template
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(
             f"messages: the model {worker.loaded.name} has no chat template: set CHAT_TEMPLATE (Jinja text, or alpaca "
@@ -101,8 +113,6 @@ def chat_prompt(worker: Worker, messages: list[Message], tools: list[Tool] | Non
             "messages",
             "no_chat_template",
         )
-    conversation = [m.for_template() for m in messages]
-    functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
     try:
         text = tokenizer.apply_chat_template(
             conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -139,10 +149,8 @@ def constraint(request: _Request) -> tuple[str, str, Any] | None:
     for field, param in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
         if getattr(request, param) is not None:
             found.append((field, param, getattr(request, param)))
-    if isinstance(request, ChatRequest):
-        tools = called_tools(request)
-        if tools:
-            found.append(("json_schema", "tools", tool_call_schema(tools)))
+    if isinstance(request, ChatRequest) and offered_tools(request)[0]:
+        found.append(("tools", "tools", None))
     if len(found) > 1:
         names = " and ".join(param for _, param, _ in found)
         raise OpenAIError(f"{names}: at most one of them may constrain the answer", found[1][1])
@@ -154,8 +162,11 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
     request = parse(ChatRequest if chat else CompletionRequest, body)
     adapter = adapter_for(worker, request.model)
     constrained = constraint(request)
+    offered, text = offered_tools(request) if chat else ([], True)
+    if offered and request.logprobs:
+        raise OpenAIError("logprobs: not available with tools (an answer may be calls, whose tokens are not text)", "logprobs")
     if chat:
-        prompts = [chat_prompt(worker, request.messages, request.tools)]
+        prompts = [chat_prompt(worker, request.messages, request.tools, offered)]
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         )
@@ -178,14 +189,20 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         }
         if request.temperature > 0:  # temperature 0 is greedy: top_p and seed have no effect, as in OpenAI's API
             generation.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        params = {"max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model"}
-        if constrained:
+        params = {
+            "max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model", "tools": "tools",
+        }
+        if constrained and not offered:
             field, param, value = constrained
             generation[field] = value
             params[field] = param
         try:
             config = GenerationConfig.model_validate(generation, context={"limits": worker.limits})
             base = worker.request(ids, config, tuple(stop) + template_stop, adapter, job_id)
+            if offered:
+                parallel = request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice)
+                grammar = call_grammar(offered, text, parallel)  # a named function: that one call
+                base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar))
             if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
                 scored = logprobs if request.echo else None
                 base = replace(base, strip=False, prompt_logprobs=scored)
@@ -198,9 +215,9 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             param = params.get(field.removeprefix("generation_config."), field)
             raise OpenAIError(f"{param}: {rest}", param) from None
         requests += worker.choices(base)
-    tool_call = constrained is not None and constrained[1] == "tools"
     if chat:
-        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), tool_call)
+        calls = None if not offered else "auto" if text else "required"
+        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), calls)
     echo = tuple(echoes) if request.echo else None
     return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), echo=echo, prompt_only=prompt_only)
 

@@ -152,7 +152,7 @@ class ChatRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, min_length=1)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # an answer makes one call either way
+    parallel_tool_calls: bool | None = None  # false: at most one call per answer
 
 
 class CompletionRequest(_Request):
@@ -172,15 +172,18 @@ def parse(model: type[_Request], body: Any) -> _Request:
     return request
 
 
-def parse_body(model: type[_Body], body: Any) -> _Body:
-    """A body of this door (any route) as ``model``, or OpenAI's error naming the first problem."""
+def parse_body(model: type[_Body], body: Any, prefix: str = "") -> _Body:
+    """A body of this door (any route) as ``model``, or OpenAI's error naming the first problem;
+    ``prefix``: where ``body`` sits in the request (``input[2]``)."""
     if not isinstance(body, dict):
-        raise OpenAIError(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise OpenAIError(f"{prefix or 'the request body'} must be a JSON object, got {type(body).__name__}", prefix or None)
     try:
         request = model.model_validate(body)
     except ValidationError as err:
         item = err.errors(include_url=False)[0]
         param = _param(item["loc"])
+        if prefix:
+            param = prefix if param == "body" else f"{prefix}.{param}"
         if item["type"] == "extra_forbidden":
             meant = unknown_hint(model, param)
             raise OpenAIError(
@@ -211,6 +214,8 @@ def unknown_hint(model: type[_Body], param: str) -> str | None:
         return "a native event (prompt_config, generation_config, adapter) goes to POST /generate, or as a RunPod job's input"
     if param == "prompt" and chat:
         return "did you mean messages? a bare prompt goes to /v1/completions"
+    if param == "messages" and "input" in model.model_fields:
+        return "did you mean input? (the Responses API takes the conversation as input, and instructions)"
     if param == "messages" and model is CompletionRequest:
         return "did you mean prompt? messages go to /v1/chat/completions"
     if param in ALIASES and issubclass(model, _Request):

@@ -14,7 +14,7 @@ from llm_worker.engine import Completion, Delta, EngineError, TokenLogprob
 from llm_worker.openai.errors import server_error
 from llm_worker.openai.prepare import Echo, Prepared, model_names
 from llm_worker.openai.requests import CHAT
-from llm_worker.openai.tool_calls import CallStream
+from llm_worker.openai.tool_calls import CallSplitter, parse_calls
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
@@ -101,10 +101,10 @@ class Response:
         for index, done in enumerate(completions):
             choice: dict[str, Any] = {"index": index}
             finish_reason = FINISH_REASONS[done.finish_reason]
-            if self.prepared.tool_call and finish_reason == "stop":
-                call = json.loads(done.text)
-                message = {"role": "assistant", "content": None, "tool_calls": [self.tool_call(index, call["name"], call["arguments"])]}
-                choice["message"], finish_reason = message, "tool_calls"
+            calls = parse_calls(done.text) if self.prepared.tool_calls and finish_reason == "stop" else None
+            if calls:
+                tool_calls = [self.tool_call(index, k, name, arguments) for k, (name, arguments) in enumerate(calls)]
+                choice["message"], finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
             elif self.chat:
                 choice["message"] = {"role": "assistant", "content": done.text}
             elif self.prepared.echo:
@@ -123,22 +123,26 @@ class Response:
         """The prompt choice ``index`` answers (``n`` choices per prompt)."""
         return self.prepared.echo[index // self.prepared.body.n]
 
-    def tool_call(self, index: int, name: str, arguments: Any = None, stream_index: int | None = None) -> dict[str, Any]:
-        """A tool call of choice ``index``; its id is the same in the stream and in the whole answer."""
-        call: dict[str, Any] = {} if stream_index is None else {"index": stream_index}
-        call.update(id=f"call_{self.id.split('-')[-1][:16]}{index}", type="function")
+    def tool_call(self, index: int, k: int, name: str, arguments: Any = None, streamed: bool = False) -> dict[str, Any]:
+        """Call ``k`` of choice ``index``; its id is the same in the stream and in the whole answer."""
+        call: dict[str, Any] = {"index": k} if streamed else {}
+        call.update(id=f"call_{self.id.split('-')[-1][:16]}_{index}_{k}", type="function")
         call["function"] = {"name": name, "arguments": "" if arguments is None else json.dumps(arguments, ensure_ascii=False)}
         return call
 
-    def call_chunk(self, index: int, name: str | None, arguments: str) -> str:
-        """A streamed piece of choice ``index``'s tool call: its first names the function, as OpenAI's."""
+    def call_chunk(self, index: int, k: int, name: str | None, arguments: str) -> str:
+        """A streamed piece of choice ``index``'s call ``k``: its first names the function, as OpenAI's."""
         if name is not None:
-            call = self.tool_call(index, name, stream_index=0)
+            call = self.tool_call(index, k, name, streamed=True)
         else:
-            call = {"index": 0, "function": {"arguments": arguments}}
+            call = {"index": k, "function": {"arguments": arguments}}
         choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
         extra = {"usage": None} if self.include_usage else {}
         return sse(self.envelope([choice], **extra))
+
+    def split_chunk(self, index: int, piece: tuple) -> str:
+        """A ``CallSplitter`` event of choice ``index``: a text delta, or a piece of a call."""
+        return self.chunk(index, piece[1], ()) if piece[0] == "text" else self.call_chunk(index, *piece[1:])
 
     def chunk(
         self, index: int, text: str | None, logprobs: Sequence[TokenLogprob] | dict[str, Any], finish_reason: str | None = None,
@@ -192,7 +196,7 @@ class Response:
         requests = self.prepared.requests
         sent = [0] * len(requests)  # logprobs already streamed, per choice
         finished: dict[int, Completion] = {}
-        calls = [CallStream() for _ in requests] if self.prepared.tool_call else None
+        calls = [CallSplitter(text=self.prepared.tool_calls == "auto") for _ in requests] if self.prepared.tool_calls else None
         if self.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(requests)):
                 yield self.chunk(index, "", (), first=True)
@@ -208,7 +212,7 @@ class Response:
                     pass
                 elif calls is not None:
                     for piece in calls[index].add(event.text):
-                        yield self.call_chunk(index, *piece)
+                        yield self.split_chunk(index, piece)
                 elif event.text or event.logprobs:
                     sent[index] += len(event.logprobs)
                     yield self.chunk(index, event.text, event.logprobs)
@@ -219,8 +223,9 @@ class Response:
             if calls is not None:
                 complete = FINISH_REASONS[event.finish_reason] == "stop"
                 for piece in calls[index].end(complete):
-                    yield self.call_chunk(index, *piece)
-                yield self.chunk(index, None, (), "tool_calls" if complete else event.finish_reason)
+                    yield self.split_chunk(index, piece)
+                called = complete and calls[index].calls
+                yield self.chunk(index, None, (), "tool_calls" if called else event.finish_reason)
                 continue
             yield self.chunk(index, None, (event.logprobs or [])[sent[index] :], event.finish_reason)
         if self.include_usage:

@@ -54,7 +54,7 @@ def tokenize(worker: Worker, body: Any) -> dict[str, Any]:
     else:
         if not request.add_generation_prompt:
             raise OpenAIError("add_generation_prompt: only true is supported (a chat request's prompt has it)", "add_generation_prompt")
-        ids, _ = chat_prompt(worker, request.messages, request.tools)
+        ids, _ = chat_prompt(worker, request.messages, request.tools, request.tools)  # as tool_choice auto
         if request.add_special_tokens and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
             ids = [tokenizer.bos_token_id, *ids]
     return {

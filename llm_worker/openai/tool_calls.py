@@ -1,64 +1,161 @@
-"""Tool calls without a parser: an answer that must call a tool is constrained to the JSON
-``{"name": ..., "arguments": {...}}`` of one of the tools (a grammar from their schemas), and
-``CallStream`` turns that text, as it streams, into OpenAI's tool-call deltas."""
+"""Tool calls, decided by a grammar rather than parsed after the fact.
+
+An answer to a request with ``tools`` is constrained (llguidance, a Lark grammar) to the format
+the model's chat template teaches: calls written as Hermes/Qwen do, ``<tool_call>\\n{"name": ...,
+"arguments": {...}}\\n</tool_call>``, the arguments valid against that tool's parameters. With
+``tool_choice`` ``"auto"`` the grammar also offers free text that never contains a call's opening
+tag, so the model decides, and a call it starts is always whole, valid JSON for its tool;
+``"required"`` or a named function offers calls only; ``parallel_tool_calls: false`` allows one.
+
+Formats (``tool_format``): a chat template that writes ``<tool_call>`` tags is served in that
+format (``hermes``); a template that ignores ``tools`` (SmolLM2's, most base models') gets the
+same tags with the tools described in the system message and earlier calls and results written
+as text (``generic``); any other template's format is refused, naming ``tool_choice``.
+
+``CallSplitter`` turns such an answer, as it streams, into text deltas or tool-call deltas,
+never the tags themselves.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from typing import Any
 
+from llm_worker.engine.constraints import JSON_LAYOUT, MAX_DEPTH, closed_objects, json_depth
 from llm_worker.openai.errors import OpenAIError
-from llm_worker.openai.requests import ChatRequest, Tool
+from llm_worker.openai.requests import ChatRequest, Message, Tool
 
-CALL_PREFIX = '{"name": '  # how a tool-call answer begins: {"name": "...", "arguments": {...}}
+OPEN, CLOSE, BETWEEN = "<tool_call>\n", "\n</tool_call>", "\n"
+CALL_PREFIX = '{"name": '  # a call's JSON: {"name": "...", "arguments": {...}}
 ARGUMENTS = ', "arguments": '
+PROVEN = "Hermes/Qwen <tool_call> tags, and templates without tools (the generic format, tools described in the system message)"
+GENERIC_PROMPT = (
+    "You can call functions to answer. Their signatures, one JSON object per line:\n<tools>\n{tools}\n</tools>\n"
+    "To call one, answer only with\n<tool_call>\n{{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}}\n"
+    "</tool_call>\n(one such block per call). Otherwise, answer in plain text."
+)
 
 
-def tool_call_schema(tools: list[Tool]) -> dict[str, Any]:
-    """An answer that is a call of one of ``tools``: ``{"name": ..., "arguments": {...}}``, the
-    arguments valid against that tool's parameters."""
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str  # hermes: the template's own tags; generic: the same tags, tools described by this worker
+    describe: bool  # the tools, earlier calls and results are written into the messages by this worker
+
+
+HERMES = ToolFormat("hermes", describe=False)
+GENERIC = ToolFormat("generic", describe=True)
+
+
+@functools.lru_cache(maxsize=8)
+def tool_format(tokenizer, template: str | None) -> ToolFormat:
+    """How the chat template (``CHAT_TEMPLATE``, else the model's) writes tool calls."""
+    source = template if template is not None else getattr(tokenizer, "chat_template", None) or ""
+    probe = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "probe_tool_7f3", "parameters": {"type": "object", "properties": {}}}}
+    render = lambda tools: tokenizer.apply_chat_template(probe, tools=tools, chat_template=template, tokenize=False)  # noqa: E731
+    if render([tool]) == render(None):
+        return GENERIC
+    if "<tool_call>" in source:
+        return HERMES
+    raise OpenAIError(
+        f"tool_choice: this model's chat template writes tool calls in a format this worker does not read; proven: {PROVEN}. "
+        "Set CHAT_TEMPLATE to a template in one of them, or send no tools",
+        "tool_choice",
+    )
+
+
+def describe_tools(messages: list[Message], tools: list[Tool] | None) -> list[dict[str, Any]]:
+    """The conversation as a template without tools takes it (the generic format): the tools in
+    the system message, earlier calls as the assistant's tagged text, results as user messages."""
+    conversation = []
+    for message in messages:
+        turn = message.for_template()
+        if message.tool_calls:
+            calls = [OPEN + json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]}) + CLOSE
+                     for call in turn.pop("tool_calls")]
+            turn["content"] = "\n".join(([turn["content"]] if turn["content"] else []) + calls)
+        if message.role == "tool":
+            turn = {"role": "user", "content": f"<tool_response>\n{message.text}\n</tool_response>"}
+        conversation.append(turn)
+    if tools:
+        signatures = "\n".join(json.dumps(tool.function.model_dump(exclude_none=True)) for tool in tools)
+        prompt = GENERIC_PROMPT.format(tools=signatures)
+        if conversation and conversation[0]["role"] == "system":
+            conversation[0] = {**conversation[0], "content": f"{conversation[0]['content']}\n\n{prompt}"}
+        else:
+            conversation.insert(0, {"role": "system", "content": prompt})
+    return conversation
+
+
+def offered_tools(request: ChatRequest) -> tuple[list[Tool], bool]:
+    """The tools an answer may call, and whether it may be text instead: all and text with
+    ``"auto"`` (the default when tools are given), all with ``"required"``, the named one, none
+    with ``"none"``."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise OpenAIError("tool_choice: needs tools", "tool_choice")
+        return [], True
+    if choice is None or choice == "auto":
+        return request.tools, True
+    if choice == "none":
+        return [], True
+    if choice == "required":
+        return request.tools, False
+    named = [tool for tool in request.tools if tool.function.name == choice.function.name]
+    if not named:
+        raise OpenAIError(f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice")
+    return named, False
+
+
+def call_grammar(tools: list[Tool], text: bool, parallel: bool) -> str:
+    """The Lark grammar (llguidance's, with ``%json``) of an answer that calls ``tools`` (or, with
+    ``text``, is free text without a call's tag), one call or several."""
+    for i, tool in enumerate(tools):
+        if json_depth(tool.function.parameters) > MAX_DEPTH:
+            raise OpenAIError(f"tools[{i}].function.parameters: nested more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters")
     calls = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": tool.function.name},
-                "arguments": tool.function.parameters or {"type": "object", "properties": {}},
+                "arguments": closed_objects(tool.function.parameters or {"type": "object", "properties": {}}),
             },
             "required": ["name", "arguments"],
+            "additionalProperties": False,
         }
         for tool in tools
     ]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = {"x-guidance": JSON_LAYOUT, "anyOf": calls}
+    lines = [
+        "start: TEXT | calls" if text else "start: calls",
+        f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel else "calls: call",
+        f"call: {json.dumps(OPEN)} call_json {json.dumps(CLOSE)}",
+        f"call_json: %json {json.dumps(schema)}",
+    ]
+    if text:
+        lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{OPEN.strip()}.*)/")
+    return "\n".join(lines) + "\n"
 
 
-def called_tools(request: ChatRequest) -> list[Tool]:
-    """The tools an answer must call: all with tool_choice "required", the named one, none with "none"."""
-    choice = request.tool_choice
-    if not request.tools:
-        if choice not in (None, "none"):
-            raise OpenAIError("tool_choice: needs tools", "tool_choice")
-        return []
-    if choice is None or choice == "auto":
-        raise OpenAIError(
-            'tool_choice: "auto" (the default when tools are given) is not supported, because this worker '
-            'cannot tell a call from text for every chat template: set tool_choice to "required", to '
-            '{"type": "function", "function": {"name": ...}}, or to "none"',
-            "tool_choice",
-        )
-    if choice == "none":
-        return []
-    if choice == "required":
-        return request.tools
-    named = [tool for tool in request.tools if tool.function.name == choice.function.name]
-    if not named:
-        raise OpenAIError(f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice")
-    return named
+def parse_calls(text: str) -> list[tuple[str, Any]] | None:
+    """A whole answer's calls as (name, arguments), or None when it is text."""
+    if not text.startswith(OPEN):
+        return None
+    calls = []
+    for block in text.split(CLOSE):
+        block = block.strip("\n")
+        if block:
+            call = json.loads(block.removeprefix(OPEN.strip()))
+            calls.append((call["name"], call["arguments"]))
+    return calls
 
 
 class CallStream:
-    """Turns a tool-call answer's text, as it streams, into OpenAI's tool-call deltas: the name once
-    it is whole, then the arguments' JSON piece by piece (the answer's last character, the call's
-    closing brace, is held back until the end)."""
+    """One call's JSON as it streams: the name once it is whole, then the arguments' JSON piece by
+    piece (its last character, the call's closing brace, is held back until the end)."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -82,9 +179,66 @@ class CallStream:
         return out
 
     def end(self, complete: bool) -> list[tuple[str | None, str]]:
-        """The rest, once the answer is over: a complete call still holds back its closing brace,
-        a cut one sends what it has."""
+        """The rest: a complete call still holds back its closing brace, a cut one sends what it has."""
         if self.name is None or complete:
             return []
         rest = self.text[self.text.index(ARGUMENTS) + len(ARGUMENTS) + self.sent :]
         return [(None, rest)] if rest else []
+
+
+class CallSplitter:
+    """An answer's text, as it streams, into ``("text", piece)`` and ``("call", k, name, arguments)``
+    events (call ``k`` of the answer: its name first, then its arguments' JSON in pieces). Text
+    that may still become a call's tag is held back until it is known."""
+
+    def __init__(self, text: bool) -> None:
+        self.mode = "undecided" if text else "calls"
+        self.buffer = ""
+        self.calls: list[CallStream] = []
+        self.fed = 0  # characters of the current call's block fed to its CallStream
+
+    def add(self, piece: str) -> list[tuple]:
+        if self.mode == "text":
+            return [("text", piece)] if piece else []
+        self.buffer += piece
+        if self.mode == "undecided":
+            if OPEN.startswith(self.buffer):
+                return []
+            if not self.buffer.startswith(OPEN):
+                self.mode = "text"
+                return [("text", self.buffer)]
+            self.mode = "calls"
+        return self._calls(final=False)
+
+    def end(self, complete: bool) -> list[tuple]:
+        if self.mode == "undecided":  # a text that began like a tag
+            self.mode = "text"
+            return [("text", self.buffer)] if self.buffer else []
+        if self.mode == "text":
+            return []
+        out = self._calls(final=True)
+        if self.calls and not complete:
+            out += [("call", len(self.calls) - 1, *event) for event in self.calls[-1].end(False)]
+        return out
+
+    def _calls(self, final: bool) -> list[tuple]:
+        out = []
+        while True:
+            start = self.buffer.find(OPEN)
+            if start < 0:
+                return out
+            if not self.calls or self.fed < 0:
+                self.calls.append(CallStream())
+                self.fed = 0
+            body_start = start + len(OPEN)
+            close = self.buffer.find(CLOSE, body_start)
+            body = self.buffer[body_start : close if close >= 0 else None]
+            if close < 0 and not final:
+                body = body[: max(0, len(body) - len(CLOSE))]  # the closing tag may be arriving
+            k = len(self.calls) - 1
+            out += [("call", k, *event) for event in self.calls[-1].add(body[self.fed :])]
+            self.fed = len(body)
+            if close < 0:
+                return out
+            self.buffer = self.buffer[close + len(CLOSE) :]
+            self.fed = -1  # the next tag starts a new call

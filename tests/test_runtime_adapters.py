@@ -1,0 +1,94 @@
+"""Adapters added to and removed from a running server (vLLM's ``/v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter``, with ``ALLOW_RUNTIME_ADAPTERS=1``): an adapter loaded at run time
+answers as the same adapter configured at start, a removed one is gone, and a new adapter under a
+removed one's name never reuses the old one's cached prompt blocks or weights."""
+
+import httpx
+import pytest
+import torch
+from conftest import running
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from llm_worker.doors.server import create_app
+from llm_worker.service import Worker
+from llm_worker.settings import ServerSettings, Settings
+
+# long enough to fill prompt blocks the prefix cache shares (16-token chunks below)
+PROMPT = "Below is an instruction. Write a response.\n\nInstruction: Name three rivers of Europe and one fact about each.\n\nResponse:"
+
+
+def random_adapter(base_model_dir, folder, seed: int):
+    """A LoRA adapter with random weights: it changes every answer, in its own way per seed."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(base_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    return {name: random_adapter(base_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    settings = Settings(dtype="float32", lora_adapters=f"same={folders['a']},bref={folders['b']}", allow_runtime_adapters=True,
+                        max_prefill_tokens=16)
+    worker = Worker.start(settings)
+    with running(create_app(worker, ServerSettings())) as url:
+        yield httpx.Client(base_url=url, timeout=120)
+    worker.close()
+
+
+def answer(http, model: str) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    response = http.post("/v1/completions", json=body).json()
+    return response["choices"][0]["text"]
+
+
+def test_an_adapter_loaded_at_run_time_answers_as_the_same_adapter_configured_at_start(served, folders):
+    response = served.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(folders["a"])})
+    assert response.status_code == 200 and response.text == "Success: LoRA adapter 'fresh' added successfully."
+    assert "fresh" in [model["id"] for model in served.get("/v1/models").json()["data"]]
+    assert answer(served, "fresh") == answer(served, "same") != answer(served, "SmolLM2-135M-Instruct")
+    response = served.post("/v1/unload_lora_adapter", json={"lora_name": "fresh"})
+    assert response.status_code == 200 and response.text == "Success: LoRA adapter 'fresh' removed successfully."
+    gone = served.post("/v1/completions", json={"model": "fresh", "prompt": "hi", "max_tokens": 1})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_new_adapter_under_a_removed_ones_name_shares_nothing_with_it(served, folders):
+    served.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(folders["a"])}).raise_for_status()
+    first = answer(served, "v")
+    assert first == answer(served, "same")
+    served.post("/v1/unload_lora_adapter", json={"lora_name": "v"}).raise_for_status()
+    served.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(folders["b"])}).raise_for_status()
+    body = {"model": "v", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    again = served.post("/v1/completions", json=body).json()
+    assert again["choices"][0]["text"] == answer(served, "bref") != first
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the old v's blocks are not its own
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "words"),
+    [
+        ("/v1/load_lora_adapter", {"lora_name": "same", "lora_path": "/tmp"}, "already served"),
+        ("/v1/load_lora_adapter", {"lora_name": "../up", "lora_path": "/tmp"}, "lora_name: must be a name"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/nowhere/at/all"}, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "new"}, "lora_name and lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/tmp", "zebra": 1}, "zebra"),
+        ("/v1/unload_lora_adapter", {"lora_name": "same"}, "it comes from LORA_ADAPTERS"),
+        ("/v1/unload_lora_adapter", {"lora_name": "nobody"}, "no such adapter"),
+    ],
+)
+def test_bad_loads_and_unloads_are_refused_naming_the_field(served, route, body, words):
+    response = served.post(route, json=body)
+    assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
+def test_runtime_adapters_are_off_unless_the_operator_allows_them(fp32_worker, folders):
+    with running(create_app(fp32_worker, ServerSettings())) as url:
+        response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(folders["a"])})
+    assert response.status_code == 403 and "ALLOW_RUNTIME_ADAPTERS=1" in response.json()["error"]["message"]
