@@ -22,6 +22,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import uvicorn  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from llm_worker.model.finetune import LoraTraining, train_lora  # noqa: E402
@@ -114,18 +115,30 @@ def train_fixed_answer_adapter(base_model_dir: Path, folder: Path, answer: str) 
     return folder
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``build(folder)`` makes, made once per test run and shared by pytest-xdist's
+    workers (``make test`` runs two): the first to get the lock builds it, the others wait."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def pirate_adapter(base_model_dir, tmp_path_factory) -> Path:
-    return train_fixed_answer_adapter(
-        base_model_dir, tmp_path_factory.mktemp("adapters") / "pirate", "Ahoy matey! Arr, that be a fine question."
-    )
+    answer = "Ahoy matey! Arr, that be a fine question."
+    return built_once(tmp_path_factory, "pirate", lambda folder: train_fixed_answer_adapter(base_model_dir, folder, answer))
 
 
 @pytest.fixture(scope="session")
 def robot_adapter(base_model_dir, tmp_path_factory) -> Path:
-    return train_fixed_answer_adapter(
-        base_model_dir, tmp_path_factory.mktemp("adapters") / "robot", "Beep boop. I am a robot. Beep."
-    )
+    answer = "Beep boop. I am a robot. Beep."
+    return built_once(tmp_path_factory, "robot", lambda folder: train_fixed_answer_adapter(base_model_dir, folder, answer))
 
 
 # How the api_server fixture starts the SDK's local API server (the port follows); the README's
