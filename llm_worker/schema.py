@@ -94,6 +94,14 @@ class GenerationConfig(_Strict):
     stop: list[Text] = Field(default_factory=list)
     n: int = Field(1, ge=1, le=16)  # answers to the same prompt; with a seed, choice i uses seed + i
     logprobs: int | None = Field(None, ge=0, le=20)  # each token's logprob and this many alternatives
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # sampling: drop tokens below min_p x the most likely one's probability
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's: minus this once from each token generated so far
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI's: minus this per time a token was generated so far
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=300
+    )  # token id (as text, as in OpenAI's JSON) -> added to its logit
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)  # end the answer (not in its text)
+    ignore_eos: bool = False  # the end-of-sequence token is never chosen: the answer runs to max_new_tokens or a stop
     # constrained decoding (at most one): the answer follows a JSON schema, a regex, or is one of the choices
     json_schema: dict[str, Any] | None = None
     regex: Text | None = Field(None, min_length=1)
@@ -134,7 +142,7 @@ class GenerationConfig(_Strict):
             if self.temperature == 0:
                 raise ValueError("temperature must be > 0 when do_sample is true (or leave temperature unset)")
         else:
-            ignored = [name for name in ("top_p", "top_k", "seed") if getattr(self, name) is not None]
+            ignored = [name for name in ("top_p", "top_k", "min_p", "seed") if getattr(self, name) is not None]
             if self.temperature:
                 ignored.insert(0, "temperature")
             if ignored:
@@ -161,6 +169,7 @@ class GenerationConfig(_Strict):
             clashes = {
                 "num_beams": self.num_beams > 1,
                 "min_new_tokens": self.min_new_tokens > 0,
+                "ignore_eos": self.ignore_eos,
                 "no_repeat_ngram_size": self.no_repeat_ngram_size > 0,
             }
             for name, clash in clashes.items():
@@ -213,8 +222,6 @@ ALIASES = {
     "best_of": f"{GEN}.n",
     "top_logprobs": f"{GEN}.logprobs",
     "random_seed": f"{GEN}.seed",
-    "frequency_penalty": f"{GEN}.repetition_penalty (multiplicative, as in transformers)",
-    "presence_penalty": f"{GEN}.repetition_penalty (multiplicative, as in transformers)",
     "response_format": f"{GEN}.json_schema",
     "guided_json": f"{GEN}.json_schema",
     "guided_regex": f"{GEN}.regex",

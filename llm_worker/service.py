@@ -155,6 +155,11 @@ class Worker:
                 f"({config.max_new_tokens}) is {len(ids) + config.max_new_tokens} tokens, more than the "
                 f"{capacity} tokens this worker's KV cache holds (KV_CACHE_TOKENS, GPU_MEMORY_UTILIZATION)"
             )
+        vocab = self.engine.vocab
+        for name, tokens in (("logit_bias", [int(t) for t in config.logit_bias or {}]), ("stop_token_ids", config.stop_token_ids)):
+            wrong = next((token for token in tokens if token >= vocab), None)
+            if wrong is not None:
+                raise InputError(f"generation_config.{name}: token id {wrong} is not in the vocabulary (0 to {vocab - 1})")
         chosen = self.adapters.choose(adapter)
         if chosen == self.adapters.merged:
             chosen = None  # already in the weights

@@ -121,7 +121,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's directory, above each worker's own
-    folder = root / f"shared-{name}"
+    folder = root / "shared" / name  # the folder's name is the adapter's name in ADAPTER_DIR copies
+    folder.parent.mkdir(exist_ok=True)
     with FileLock(f"{folder}.lock"):
         if not (folder / ".built").exists():
             build(folder)

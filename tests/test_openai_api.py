@@ -182,8 +182,8 @@ def test_an_adapter_chosen_by_model_answers_as_the_native_adapter_field(served):
 @pytest.mark.parametrize(
     "route, body, param",
     [
-        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
-        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -1}, "presence_penalty"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, "presence_penalty"),
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),

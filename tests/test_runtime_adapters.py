@@ -3,6 +3,8 @@
 answers as the same adapter configured at start, a removed one is gone, and a new adapter under a
 removed one's name never reuses the old one's cached prompt blocks or weights."""
 
+import shutil
+
 import httpx
 import pytest
 import torch
@@ -28,17 +30,24 @@ def random_adapter(base_model_dir, folder, seed: int):
 
 @pytest.fixture(scope="module")
 def folders(base_model_dir, tmp_path_factory):
+    """Two adapters in ADAPTER_DIR, and a link in it to a copy outside it."""
     root = tmp_path_factory.mktemp("runtime")
-    return {name: random_adapter(base_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    made = {name: random_adapter(base_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    outside = tmp_path_factory.mktemp("outside") / "a"
+    shutil.copytree(made["a"], outside)
+    (root / "escape").symlink_to(outside)
+    return made
 
 
 @pytest.fixture(scope="module")
 def served(folders):
     settings = Settings(dtype="float32", lora_adapters=f"same={folders['a']},bref={folders['b']}", allow_runtime_adapters=True,
-                        max_prefill_tokens=16)
+                        adapter_dir=folders["a"].parent, max_prefill_tokens=16)
     worker = Worker.start(settings)
     with running(create_app(worker, ServerSettings())) as url:
-        yield httpx.Client(base_url=url, timeout=120)
+        client = httpx.Client(base_url=url, timeout=120)
+        client.worker = worker  # for the tests that start another server over it
+        yield client
     worker.close()
 
 
@@ -49,7 +58,7 @@ def answer(http, model: str) -> str:
 
 
 def test_an_adapter_loaded_at_run_time_answers_as_the_same_adapter_configured_at_start(served, folders):
-    response = served.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(folders["a"])})
+    response = served.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "a"})  # relative to ADAPTER_DIR
     assert response.status_code == 200 and response.text == "Success: LoRA adapter 'fresh' added successfully."
     assert "fresh" in [model["id"] for model in served.get("/v1/models").json()["data"]]
     assert answer(served, "fresh") == answer(served, "same") != answer(served, "SmolLM2-135M-Instruct")
@@ -76,7 +85,10 @@ def test_a_new_adapter_under_a_removed_ones_name_shares_nothing_with_it(served, 
     [
         ("/v1/load_lora_adapter", {"lora_name": "same", "lora_path": "/tmp"}, "already served"),
         ("/v1/load_lora_adapter", {"lora_name": "../up", "lora_path": "/tmp"}, "lora_name: must be a name"),
-        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/nowhere/at/all"}, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/tmp"}, "lora_path: '/tmp' is not a folder inside ADAPTER_DIR"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "../a"}, "is not a folder inside ADAPTER_DIR"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "escape"}, "is not a folder inside ADAPTER_DIR"),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "missing"}, "lora_path: 'missing' has no adapter_config.json"),
         ("/v1/load_lora_adapter", {"lora_name": "new"}, "lora_name and lora_path"),
         ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/tmp", "zebra": 1}, "zebra"),
         ("/v1/unload_lora_adapter", {"lora_name": "same"}, "it comes from LORA_ADAPTERS"),
@@ -86,6 +98,17 @@ def test_a_new_adapter_under_a_removed_ones_name_shares_nothing_with_it(served, 
 def test_bad_loads_and_unloads_are_refused_naming_the_field(served, route, body, words):
     response = served.post(route, json=body)
     assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
+def test_runtime_adapters_without_an_api_key_are_warned_about(served, folders, caplog):
+    worker = served.worker
+    with caplog.at_level("WARNING"), running(create_app(worker, ServerSettings())):
+        pass
+    assert "ALLOW_RUNTIME_ADAPTERS=1 without API_KEY" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), running(create_app(worker, ServerSettings(api_key="sk-x"))):
+        pass
+    assert "ALLOW_RUNTIME_ADAPTERS" not in caplog.text
 
 
 def test_runtime_adapters_are_off_unless_the_operator_allows_them(fp32_worker, folders):

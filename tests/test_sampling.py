@@ -131,3 +131,34 @@ def test_vanishing_temperature_or_top_p_samples_the_top_token():
     )
     for step in range(5):
         assert sample(logits, params, torch.full((3,), step), NO_EOS).tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_min_p_matches_transformers_warper():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB) * 3
+    for min_p in (0.05, 0.3, 0.9):
+        probs, order = logits_to_probs(logits, torch.full((3,), 0.8), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.full((3,), min_p))
+        ours = torch.zeros_like(probs).scatter(1, order, probs)
+        ours = ours / ours.sum(-1, keepdim=True)
+        theirs = torch.softmax(MinPLogitsWarper(min_p)(None, TemperatureLogitsWarper(0.8)(None, logits.clone())), dim=-1)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_openai_penalties_count_generated_tokens_and_bias_shifts_logits():
+    """OpenAI's definition: logit - count * frequency_penalty - (count > 0) * presence_penalty, on
+    the tokens this row generated; logit_bias is added first."""
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 7] = 3.0
+    logits[:, 8] = 2.5
+    params = BatchParams.build(
+        [SamplingParams(frequency_penalty=0.4, presence_penalty=0.3), SamplingParams(logit_bias=((9, 5.0),))],
+        None, torch.device("cpu"), [torch.zeros(VOCAB), torch.zeros(VOCAB)], VOCAB,
+    )
+    steps = torch.zeros(2, dtype=torch.long)
+    first = sample(logits, params, steps, NO_EOS).tolist()
+    assert first == [7, 9] and params.counts[0, 7] == 1 and params.counts[1, 9] == 1
+    # row 0 after one 7: 3.0 - 0.4 - 0.3 = 2.3 < 2.5, so 8 comes next; then 8 at 1.8 < 7 at 2.3
+    assert sample(logits, params, steps + 1, NO_EOS).tolist()[0] == 8
+    assert sample(logits, params, steps + 2, NO_EOS).tolist()[0] == 7 and params.counts[0, 7] == 2

@@ -171,7 +171,7 @@ def test_openai_errors_have_openais_status_and_shape(served):
     client = served.openai()
     messages = [{"role": "user", "content": FRANCE}]
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, frequency_penalty=1.0)
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, frequency_penalty=3.0)
     assert refused.value.param == "frequency_penalty"
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nobody", messages=messages)

@@ -252,3 +252,26 @@ def test_the_responses_api_calls_tools_and_takes_their_output(client):
                {"type": "function_call_output", "call_id": item.call_id, "output": '{"celsius": 18}'}],
     )
     assert followed.status in ("completed", "incomplete") and followed.output
+
+
+def test_langchain_bind_tools_gets_calls_and_text(client):
+    """LangChain's ChatOpenAI as an agent uses it: bind_tools, then invoke and stream, its defaults."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city"""
+        return "sunny"
+
+    chat = ChatOpenAI(model="weather", base_url=str(client.base_url), api_key="unused", temperature=0, max_tokens=48, max_retries=0)
+    bound = chat.bind_tools([get_weather])
+    called = bound.invoke("What's the weather in Paris?")
+    assert [(call["name"], call["args"]) for call in called.tool_calls] == [("get_weather", {"city": "Paris"})]
+    chunks = list(bound.stream("What's the weather in Paris?"))
+    joined = chunks[0]
+    for chunk in chunks[1:]:
+        joined += chunk
+    assert [(call["name"], call["args"]) for call in joined.tool_calls] == [("get_weather", {"city": "Paris"})]
+    answered = bound.invoke("Write a haiku about the sea.")
+    assert not answered.tool_calls and answered.content and "<tool_call>" not in answered.content

@@ -70,6 +70,8 @@ class Door:
             self._serve(worker)
 
     def _serve(self, worker: Worker) -> None:
+        if worker.settings.allow_runtime_adapters and self.config.api_key is None:
+            log.warning("ALLOW_RUNTIME_ADAPTERS=1 without API_KEY: anyone who reaches this port can load adapters from ADAPTER_DIR")
         worker.watchers.append(self.metrics.record)
         self.metrics.watch(worker.engine)
         self.worker = worker

@@ -12,6 +12,7 @@ cost nothing; a step without any costs nothing at all.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -25,6 +26,8 @@ import llguidance.torch
 import torch
 
 from llm_worker.errors import InputError
+
+log = logging.getLogger(__name__)
 
 MAX_SPEC_BYTES = 65_536  # a schema, regex or choice list, as JSON text
 MAX_DEPTH = 32  # nesting of a JSON schema
@@ -86,51 +89,55 @@ class Grammars:
         does not wait for it."""
         threading.Thread(target=lambda: self.tokenizer, name="grammar-tokenizer", daemon=True).start()
 
-    def compile(self, field: str, spec: Any) -> Grammar:
+    def compile(self, field: str, spec: Any, strict: bool = False) -> Grammar:
         """``field``: json_schema (a schema object), regex (a string) or choice (a list of strings).
-        Raises ``ConstraintError`` naming ``generation_config.<field>`` and the reason."""
+        Raises ``ConstraintError`` naming ``generation_config.<field>`` and the reason. A schema
+        keyword the engine cannot enforce (``uniqueItems``, which pydantic writes for a ``set``) is
+        left out and logged, unless ``strict`` (OpenAI's ``strict: true``): then it is refused."""
         name = f"generation_config.{field}"
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
         if len(text.encode()) > MAX_SPEC_BYTES:
             raise ConstraintError(f"{name}: {len(text.encode())} bytes as JSON; at most {MAX_SPEC_BYTES}")
-        return self._cached(f"{field}:{text}", field, name, lambda: _grammar(name, field, spec))
+        return self._cached(f"{field}:{strict}:{text}", field, name, lambda: _grammar(name, field, spec, strict), strict)
 
-    def compile_lark(self, field: str, lark: str) -> Grammar:
+    def compile_lark(self, field: str, lark: str, strict: bool = False) -> Grammar:
         """A Lark grammar in llguidance's dialect (``%json`` included), built by a door (tool
-        calls); refusals name ``generation_config.<field>``."""
+        calls); refusals name ``generation_config.<field>``; ``strict`` as for ``compile``."""
         name = f"generation_config.{field}"
         if len(lark.encode()) > MAX_SPEC_BYTES:
             raise ConstraintError(f"{name}: its grammar is {len(lark.encode())} bytes; at most {MAX_SPEC_BYTES}")
-        return self._cached(f"{field}:lark:{lark}", field, name, lambda: llguidance.LLMatcher.grammar_from_lark(lark))
+        return self._cached(f"{field}:lark:{strict}:{lark}", field, name, lambda: llguidance.LLMatcher.grammar_from_lark(lark), strict)
 
-    def _cached(self, key: str, field: str, name: str, build) -> Grammar:
+    def _cached(self, key: str, field: str, name: str, build, strict: bool = True) -> Grammar:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            grammar = Grammar(field, self._matcher(name, build()), self.tokenizer)
+            grammar = Grammar(field, self._matcher(name, build(), strict), self.tokenizer)
             self.compiled += 1
             self._cache[key] = grammar
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
             return grammar
 
-    def _matcher(self, name: str, grammar: str) -> llguidance.LLMatcher:
+    def _matcher(self, name: str, grammar: str, strict: bool) -> llguidance.LLMatcher:
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=LIMITS)
-        if failed or messages:  # a warning is a keyword llguidance would ignore: refused, not half-followed
+        if failed or (messages and strict):  # strict: a keyword llguidance would leave out is refused, not half-followed
             raise ConstraintError(f"{name}: {_first_line(messages[0])}")
+        for message in messages:
+            log.info("%s: served without what the engine cannot enforce: %s", name, _first_line(message))
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise ConstraintError(f"{name}: {_first_line(matcher.get_error())}")
         return matcher
 
 
-def _grammar(name: str, field: str, spec: Any) -> str:
+def _grammar(name: str, field: str, spec: Any, strict: bool = True) -> str:
     if field == "json_schema":
         depth = json_depth(spec)
         if depth > MAX_DEPTH:
             raise ConstraintError(f"{name}: nested {depth} levels deep; at most {MAX_DEPTH}")
-        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(spec), overrides=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(spec), overrides={**JSON_LAYOUT, "lenient": not strict})
     if field == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
     if len(spec) > MAX_CHOICES:

@@ -46,6 +46,9 @@ class Lifecycle:
         if token in self.eos_ids:
             self.finish(seq, "eos")
             return
+        if token in seq.request.config.stop_token_ids:  # ends the answer, as a stop string does, and is not part of its text
+            self.finish(seq, "stop")
+            return
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             self.fail([seq], f"generation failed: the answer left its grammar ({seq.matcher.get_error().splitlines()[0]})")
             return

@@ -1,10 +1,12 @@
 """The sampler: logits of every running row in, one token id per row out, as tensor work.
 
-Every row carries its own settings (temperature, top-k, top-p, repetition penalty, minimum
-length, seed) in small per-batch tensors, so a step samples all rows with the same handful of
-kernels whatever their mix: no per-row Python and no host round trip. Processors apply in the
-order of transformers' ``generate``: repetition penalty, bans (n-grams, end-of-sequence before
-``min_new_tokens``), then temperature, top-k, top-p.
+Every row carries its own settings (temperature, top-k, top-p, min-p, repetition penalty,
+OpenAI's presence and frequency penalties, logit bias, minimum length, seed) in small per-batch
+tensors, so a step samples all rows with the same handful of kernels whatever their mix: no
+per-row Python and no host round trip. Processors apply in the order of transformers' ``generate``
+(with vLLM's for what it lacks): logit bias, repetition penalty, presence and frequency penalties
+(on the tokens generated so far), bans (n-grams, end-of-sequence before ``min_new_tokens``), then
+temperature, top-k, top-p, min-p.
 
 Randomness is counter-based (as in JAX): a row's uniform number at its step ``n`` is a hash of
 ``(seed, n)``, and the token is where it falls in the row's cumulative distribution (inverse
@@ -41,10 +43,18 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
     seed: int = 0
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # added to those tokens' logits
 
     @property
     def truncates(self) -> bool:
-        return bool(self.top_k) or self.top_p < 1.0
+        return bool(self.top_k) or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @staticmethod
     def random_seed() -> int:
@@ -66,9 +76,17 @@ class BatchParams:
     min_new_tokens: torch.Tensor  # long [rows]
     any_min_new_tokens: bool
     seed: torch.Tensor  # long [rows]
+    min_p: torch.Tensor  # float [rows]
+    presence: torch.Tensor | None = None  # float [rows], only when some row has OpenAI's penalties
+    frequency: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # float [rows, vocab]: tokens generated so far, with those penalties
+    bias: torch.Tensor | None = None  # float [rows, vocab], only when some row has a logit bias
 
     @classmethod
-    def build(cls, params: Seq[SamplingParams], seen_rows: list[torch.Tensor] | None, device: torch.device) -> BatchParams:
+    def build(
+        cls, params: Seq[SamplingParams], seen_rows: list[torch.Tensor] | None, device: torch.device,
+        count_rows: list[torch.Tensor] | None = None, vocab: int = 0,
+    ) -> BatchParams:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
@@ -76,6 +94,14 @@ class BatchParams:
             return tensor(indices, torch.long) if indices else None
 
         penalized = any(p.repetition_penalty != 1.0 for p in params)
+        counting = any(p.counts_tokens for p in params)
+        bias = None
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros((len(params), vocab), dtype=torch.float32)
+            for i, p in enumerate(params):
+                for token, value in p.logit_bias:
+                    bias[i, token] = value
+            bias = bias.to(device, non_blocking=True)
         return cls(
             sample=tensor([p.sample for p in params], torch.bool),
             plain_rows=rows([i for i, p in enumerate(params) if p.sample and not p.truncates]),
@@ -88,6 +114,11 @@ class BatchParams:
             min_new_tokens=tensor([p.min_new_tokens for p in params], torch.long),
             any_min_new_tokens=any(p.min_new_tokens for p in params),
             seed=tensor([p.seed for p in params], torch.long),
+            min_p=tensor([p.min_p for p in params], torch.float32),
+            presence=tensor([p.presence_penalty for p in params], torch.float32) if counting else None,
+            frequency=tensor([p.frequency_penalty for p in params], torch.float32) if counting else None,
+            counts=torch.stack(count_rows) if counting and count_rows else None,
+            bias=bias,
         )
 
 
@@ -104,8 +135,16 @@ def ban_early_end(logits: torch.Tensor, generated: torch.Tensor, min_new_tokens:
     return logits.masked_fill(early, -float("inf"))
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
-    """Per-row temperature, top-k (0: off) and top-p (1: off); returns probabilities sorted
+def apply_openai_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's additive penalties: ``frequency`` per time a token was generated, ``presence`` once if it was."""
+    return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+
+
+def logits_to_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor | None = None
+):
+    """Per-row temperature, top-k (0: off), top-p (1: off) and min-p (0: off: tokens less likely
+    than ``min_p`` times the most likely one are dropped); returns probabilities sorted
     descending, and the token id at each sorted position."""
     scaled = logits / temperature[:, None]
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
@@ -116,6 +155,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     mass_before = torch.cumsum(probs, dim=-1) - probs
     nucleus_out = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None] & (rank > 0)  # the top token always stays
     probs = probs.masked_fill(nucleus_out, 0.0)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)  # sorted: the first is the most likely
     return probs, order
 
 
@@ -167,8 +208,12 @@ def _sample(logits, params, generated, eos, banned) -> tuple[torch.Tensor, torch
     logits = logits.float()
     total = logits.sum(dim=-1)  # NaN or +inf when any logit is (-inf alone is a legitimate ban)
     bad = torch.isnan(total) | torch.isposinf(total)
+    if params.bias is not None:
+        logits = logits + params.bias
     if params.penalty is not None:
         logits = apply_repetition_penalty(logits, params.seen, params.penalty)
+    if params.counts is not None:
+        logits = apply_openai_penalties(logits, params.counts, params.presence, params.frequency)
     if banned is not None:
         logits = logits.masked_fill(banned, -float("inf"))
     if params.any_min_new_tokens:
@@ -181,10 +226,12 @@ def _sample(logits, params, generated, eos, banned) -> tuple[torch.Tensor, torch
         chosen = chosen.index_copy(0, rows, drawn)
     if (rows := params.truncated_rows) is not None:
         u = uniform(params.seed[rows], generated[rows])
-        probs, order = logits_to_probs(logits[rows], params.temperature[rows], params.top_k[rows], params.top_p[rows])
+        probs, order = logits_to_probs(logits[rows], params.temperature[rows], params.top_k[rows], params.top_p[rows], params.min_p[rows])
         chosen = chosen.index_copy(0, rows, order.gather(1, draw(probs, u)[:, None])[:, 0])
     if params.seen is not None:
         params.seen.scatter_(1, chosen[:, None], True)
+    if params.counts is not None:
+        params.counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=params.counts.dtype))
     return chosen.masked_fill(bad, BAD_ROW), logits
 
 

@@ -4,7 +4,7 @@ requests for the step runner."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from llguidance import LLMatcher
@@ -31,6 +31,7 @@ class Sequence:
     text: AnswerText
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # bool [vocab]: tokens seen, for the repetition penalty
+    counts: torch.Tensor | None = None  # float [vocab]: tokens generated, for OpenAI's presence and frequency penalties
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: int = 0  # how many of ``logprobs`` no delta has carried yet
     finish_reason: str | None = None
@@ -51,7 +52,13 @@ class Sequence:
             no_repeat_ngram_size=config.no_repeat_ngram_size,
             min_new_tokens=config.min_new_tokens,
             seed=config.seed if config.seed is not None else SamplingParams.random_seed(),
+            min_p=config.min_p or 0.0,
+            presence_penalty=config.presence_penalty,
+            frequency_penalty=config.frequency_penalty,
+            logit_bias=tuple(sorted((int(token), bias) for token, bias in config.logit_bias.items())) if config.logit_bias else (),
         )
+        if config.ignore_eos:  # the end-of-sequence token is banned, as before min_new_tokens
+            params = replace(params, min_new_tokens=config.max_new_tokens)
         slot = Slot(prompt_len=len(request.prompt_ids), max_new_tokens=config.max_new_tokens)
         # beam search computes outside the pool; a shared prompt block has no logits to score the prompt with
         if prefix_caching and config.num_beams == 1 and request.prompt_logprobs is None:

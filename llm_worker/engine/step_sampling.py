@@ -41,10 +41,13 @@ class StepSampler:
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
 
     def admit(self, seq: Sequence) -> None:
-        """A row with a repetition penalty remembers the tokens seen, its prompt's first."""
+        """A row with a repetition penalty remembers the tokens seen, its prompt's first; a row
+        with OpenAI's penalties counts the tokens it generates."""
         if seq.params.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seq.seen[[t for t in seq.request.prompt_ids if t < self.vocab]] = True
+        if seq.params.counts_tokens:
+            seq.counts = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
 
     def prepare(self, seqs: list[Sequence], fresh: bool = False) -> SamplingInputs:
         """Started before the forward; ``fresh``: rows that do not form a decoding group (a prefill's)."""
@@ -80,19 +83,25 @@ class StepSampler:
         key = tuple(s.id for s in seqs)
         params = None if fresh else self._params_cache.get(key)
         if params is None:
-            seen = [s.seen for s in seqs] if any(s.seen is not None for s in seqs) else None
-            if seen is not None:
-                seen = [row if row is not None else torch.zeros(self.vocab, dtype=torch.bool, device=self.device) for row in seen]
-            params = BatchParams.build([s.params for s in seqs], seen, self.device)
-            if params.seen is not None:
-                for i, seq in enumerate(seqs):
-                    if seq.seen is not None:
-                        seq.seen = params.seen[i]  # the batch tensor is updated in place each step
+            seen, counts = self._rows(seqs, "seen", torch.bool), self._rows(seqs, "counts", torch.float32)
+            params = BatchParams.build([s.params for s in seqs], seen, self.device, counts, self.vocab)
+            for i, seq in enumerate(seqs):  # the batch tensors are updated in place each step
+                if seq.seen is not None and params.seen is not None:
+                    seq.seen = params.seen[i]
+                if seq.counts is not None and params.counts is not None:
+                    seq.counts = params.counts[i]
             if not fresh:
                 rows = set(key)
                 self._params_cache = {k: v for k, v in self._params_cache.items() if rows.isdisjoint(k)}
                 self._params_cache[key] = params
         return params
+
+    def _rows(self, seqs: list[Sequence], name: str, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Each row's ``seen`` or ``counts`` (zeros for rows without), when some row has one."""
+        rows = [getattr(s, name) for s in seqs]
+        if all(row is None for row in rows):
+            return None
+        return [row if row is not None else torch.zeros(self.vocab, dtype=dtype, device=self.device) for row in rows]
 
     def _bans(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """n-gram bans, for the rare rows that ask for them (host work per such row)."""

@@ -25,7 +25,7 @@ import torch
 
 from llm_worker.schema import InputError
 from llm_worker.settings import ADAPTER_NAME, BASE_ADAPTER_NAME as BASE, Settings, parse_adapter_list
-from model_cache import ModelSourceError, resolve_adapter_source
+from model_cache import ModelSourceError, plainly_local, resolve_adapter_source
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +85,38 @@ class AdapterManager:
         return "" if name is None else f"{name}#{self._revisions.get(name, 0)}"
 
     def add(self, name: str, source: str, model, tokenizer=None) -> Path:
-        """Serve a new adapter under ``name`` (``ALLOW_RUNTIME_ADAPTERS``): a local folder, or a Hub
-        id with ``ALLOW_HUB_ADAPTERS``; checked against ``model`` as a configured one is. It loads
+        """Serve a new adapter under ``name`` (``ALLOW_RUNTIME_ADAPTERS``): a folder inside
+        ``ADAPTER_DIR``, or a Hub id with ``ALLOW_HUB_ADAPTERS``; checked against ``model`` as a configured one is. It loads
         at its first request. Raises ``InputError`` for a bad or taken name, ``AdapterError`` for a
         bad adapter."""
         if not NAME_PATTERN.match(name) or name == BASE:
             raise InputError("lora_name: must be a name of 1-64 letters, digits, '.', '_' or '-', not base")
         if name in self.known() or name == self.merged:
             raise InputError(f"lora_name: an adapter named {name!r} is already served; unload it first, or choose another name")
-        try:
-            folder = resolve_adapter_source(source, self.settings, allow_hub=self.settings.allow_hub_adapters)
-        except ModelSourceError as err:
-            hint = "" if self.settings.allow_hub_adapters else " (a Hub id needs ALLOW_HUB_ADAPTERS=1)"
-            raise AdapterError(f"lora_path: {err}{hint}") from None
+        folder = self._runtime_source(source)
         check_compatible(model, folder, name, self.settings.max_lora_rank, tokenizer)
         with self._lock:  # a previous version still loaded is replaced at this one's first request
             self.runtime[name] = AdapterSource(name, str(folder), "RUNTIME")
             self._revisions[name] = self._revisions.get(name, 0) + 1
         log.info("Added adapter %s from %s (loads at its first request)", name, folder)
         return folder
+
+    def _runtime_source(self, source: str) -> Path:
+        """A folder inside ADAPTER_DIR (absolute, or relative to it; no symlink out of it), or a Hub
+        id with ALLOW_HUB_ADAPTERS: a server's client must not make it read any folder it can name."""
+        root = self.settings.adapter_dir.resolve()
+        local = Path(source).expanduser()
+        local = local if local.is_absolute() else self.settings.adapter_dir / local
+        if local.exists() or plainly_local(source) or not self.settings.allow_hub_adapters:
+            if not local.resolve().is_relative_to(root) or local.resolve() == root:
+                raise AdapterError(f"lora_path: {source!r} is not a folder inside ADAPTER_DIR ({root}); copy the adapter there")
+            if not (local / "adapter_config.json").is_file():
+                raise AdapterError(f"lora_path: {source!r} has no adapter_config.json inside ADAPTER_DIR ({root})")
+            return local.resolve()
+        try:
+            return resolve_adapter_source(source, self.settings, allow_hub=True)
+        except ModelSourceError as err:
+            raise AdapterError(f"lora_path: {err}") from None
 
     def remove(self, name: str) -> None:
         """Stop serving an adapter added with ``add``; its weights leave the model once no running

@@ -186,9 +186,16 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             "stop": stop,
             "n": request.n,
             "logprobs": logprobs,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "repetition_penalty": request.repetition_penalty,
+            "logit_bias": request.logit_bias,
+            "stop_token_ids": request.stop_token_ids or [],
+            "ignore_eos": request.ignore_eos,
         }
-        if request.temperature > 0:  # temperature 0 is greedy: top_p and seed have no effect, as in OpenAI's API
+        if request.temperature > 0:  # temperature 0 is greedy: top_p, top_k, min_p and seed have no effect, as in OpenAI's API
             generation.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+            generation.update({name: getattr(request, name) for name in ("top_k", "min_p") if getattr(request, name) is not None})
         params = {
             "max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model", "tools": "tools",
         }
@@ -202,7 +209,10 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             if offered:
                 parallel = request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice)
                 grammar = call_grammar(offered, text, parallel)  # a named function: that one call
-                base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar))
+                strict = any(tool.function.strict for tool in offered)
+                base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar, strict))
+            elif isinstance(request.response_format, JsonSchemaResponseFormat) and request.response_format.json_schema.strict:
+                worker.grammars.compile("json_schema", generation["json_schema"], strict=True)  # OpenAI's strict: all enforced
             if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
                 scored = logprobs if request.echo else None
                 base = replace(base, strip=False, prompt_logprobs=scored)
@@ -212,7 +222,8 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             raise OpenAIError(f"{param}: {item['msg'].removeprefix('Value error, ')}", param) from None
         except InputError as err:
             field, _, rest = str(err).partition(": ")
-            param = params.get(field.removeprefix("generation_config."), field)
+            name = field.removeprefix("generation_config.")
+            param = params.get(name, name)
             raise OpenAIError(f"{param}: {rest}", param) from None
         requests += worker.choices(base)
     if chat:

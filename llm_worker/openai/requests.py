@@ -1,8 +1,8 @@
-"""OpenAI's request bodies as strict pydantic models, parsed with OpenAI's error for the first
-problem; an unknown parameter gets a hint (another API's name for it, a field of the native
-event, a close spelling), and a parameter this worker cannot honour exactly is refused, never
-ignored, except the fields that only label a request (``user``, ``metadata``, ``store``,
-``service_tier``)."""
+"""OpenAI's request bodies as strict pydantic models (with vLLM's extra sampling parameters),
+parsed with OpenAI's error for the first problem; an unknown parameter gets a hint (another API's
+name for it, a field of the native event, a close spelling), and a parameter this worker cannot
+honour exactly is refused, never ignored, except the fields that only label a request (``user``,
+``metadata``, ``store``, ``service_tier``)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,13 @@ class _Request(_Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> -100..100, added to its logit
+    # vLLM's sampling parameters
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
     response_format: TextFormat | JsonObjectFormat | JsonSchemaResponseFormat | None = Field(None, discriminator="type")
     # vLLM's names for the same constraints (guided decoding)
     guided_json: dict[str, Any] | None = None
@@ -237,15 +243,6 @@ def _param(loc: Sequence[str | int]) -> str:
 
 def refuse_unsupported(request: _Request) -> None:
     """Parameters OpenAI defines that this worker cannot honour exactly: refused, never ignored."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(request, name):
-            raise OpenAIError(
-                f"{name}: not supported (the sampler has only the multiplicative repetition penalty, not OpenAI's "
-                "additive count-based penalties); leave it at 0",
-                name,
-            )
-    if request.logit_bias:
-        raise OpenAIError("logit_bias: not supported", "logit_bias")
     if request.stream_options is not None and not request.stream:
         raise OpenAIError("stream_options: only allowed when stream is true", "stream_options")
     if isinstance(request, ChatRequest) and request.top_logprobs is not None and not request.logprobs:

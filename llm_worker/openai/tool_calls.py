@@ -128,7 +128,8 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool) -> str:
         }
         for tool in tools
     ]
-    schema = {"x-guidance": JSON_LAYOUT, "anyOf": calls}
+    strict = any(tool.function.strict for tool in tools)  # else what cannot be enforced is left out (and logged)
+    schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls}
     lines = [
         "start: TEXT | calls" if text else "start: calls",
         f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel else "calls: call",

@@ -1,0 +1,81 @@
+"""Schemas as clients generate them: pydantic models of common shapes (LangChain's
+``with_structured_output``, the Agents SDK's typed outputs) are served, natively and through the
+OpenAI door, and each answer parses into its model. What the engine cannot enforce
+(``uniqueItems``, which pydantic writes for a ``set``) is left out with an INFO line, unless the
+request says OpenAI's ``strict: true``: then it is refused, as OpenAI refuses it."""
+
+import datetime
+import enum
+import logging
+from typing import Annotated, Literal
+
+import pytest
+from conftest import job
+from pydantic import BaseModel, Field
+
+from llm_worker.doors import jobs
+
+
+class Color(enum.Enum):
+    red = "red"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    city: str
+    zip_code: str | None = None
+
+
+class Person(BaseModel):
+    name: str
+    kind: Literal["customer", "supplier"]
+    favourite: Color
+    address: Address
+    nickname: str | None = None
+
+
+class Event(BaseModel):
+    title: str
+    starts: datetime.datetime
+    day: datetime.date
+
+
+class Tagged(BaseModel):
+    tags: Annotated[set[str], Field(max_length=3)]  # without a bound, nothing stops a small model repeating a tag
+    scores: Annotated[frozenset[int], Field(max_length=3)]
+
+
+@pytest.mark.parametrize(
+    ("model", "instruction"),
+    [
+        (Person, "Describe a customer who lives in Paris and likes red."),
+        (Event, "Give me a meeting next Monday at 10 in the morning."),
+        (Tagged, "Give three tags for a blog post about gardening and a few scores."),
+    ],
+)
+def test_a_pydantic_models_schema_gets_an_answer_that_parses_into_it(fp32_worker, model, instruction, caplog):
+    with caplog.at_level(logging.INFO, logger="llm_worker.engine.constraints"):
+        answer = fp32_worker.complete(job(instruction, json_schema=model.model_json_schema(), max_new_tokens=96))
+    assert "error" not in answer, answer
+    model.model_validate_json(answer["output"])
+    left_out = "served without what the engine cannot enforce" in caplog.text
+    assert left_out == (model is Tagged) and ("uniqueItems" in caplog.text) == (model is Tagged)
+
+
+def chat(worker, **body):
+    body = {"messages": [{"role": "user", "content": "Three tags for a gardening post."}], "max_tokens": 64, "temperature": 0, **body}
+    return jobs.complete(worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+
+
+def test_openai_strict_refuses_what_cannot_be_enforced_and_the_rest_is_served(fp32_worker):
+    schema = Tagged.model_json_schema()
+    strict = chat(fp32_worker, response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}})
+    assert strict["error"]["param"] == "response_format" and "uniqueItems" in strict["error"]["message"]
+    lenient = chat(fp32_worker, response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    Tagged.model_validate_json(lenient["choices"][0]["message"]["content"])
+    tool = {"type": "function", "function": {"name": "tag", "parameters": schema, "strict": True}}
+    refused = chat(fp32_worker, tools=[tool], tool_choice="required")
+    assert refused["error"]["param"] == "tools" and "uniqueItems" in refused["error"]["message"]
+    served = chat(fp32_worker, tools=[{**tool, "function": {**tool["function"], "strict": False}}], tool_choice="required",
+                  parallel_tool_calls=False)
+    Tagged.model_validate_json(served["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
