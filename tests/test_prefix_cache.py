@@ -164,10 +164,10 @@ def test_a_request_that_fails_mid_prefill_leaves_nothing_in_the_cache(tokenizer,
     prompt = system + [poison] + list(range(30, 60))  # the poison sits in the third 32-token chunk
     real_run = on.runner.run
 
-    def failing(inputs, adapters):
+    def failing(inputs, adapters, *rest):
         if any(poison in row for row in inputs.input_ids):
             raise RuntimeError("injected failure")
-        return real_run(inputs, adapters)
+        return real_run(inputs, adapters, *rest)
 
     on.runner.run = failing
     try:

@@ -20,6 +20,9 @@ from llm_worker.settings import ServerSettings, Settings
 PROMPT = "Below is an instruction. Write a response.\n\nInstruction: Name three rivers of Europe and one fact about each.\n\nResponse:"
 
 
+TEMPLATE = "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}\n{% endfor %}### assistant:\n"
+
+
 def random_adapter(base_model_dir, folder, seed: int):
     """A LoRA adapter with random weights: it changes every answer, in its own way per seed."""
     torch.manual_seed(seed)
@@ -33,6 +36,8 @@ def folders(base_model_dir, tmp_path_factory):
     """Two adapters in ADAPTER_DIR, and a link in it to a copy outside it."""
     root = tmp_path_factory.mktemp("runtime")
     made = {name: random_adapter(base_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    shutil.copytree(made["a"], root / "templated")  # an adapter that ships the chat template it was trained with
+    (root / "templated" / "chat_template.jinja").write_text(TEMPLATE)
     outside = tmp_path_factory.mktemp("outside") / "a"
     shutil.copytree(made["a"], outside)
     (root / "escape").symlink_to(outside)
@@ -115,3 +120,14 @@ def test_runtime_adapters_are_off_unless_the_operator_allows_them(fp32_worker, f
     with running(create_app(fp32_worker, ServerSettings())) as url:
         response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(folders["a"])})
     assert response.status_code == 403 and "ALLOW_RUNTIME_ADAPTERS=1" in response.json()["error"]["message"]
+
+
+def test_an_adapter_that_ships_a_chat_template_gets_it_for_chat(served, folders):
+    messages = [{"role": "user", "content": "Name a river."}]
+    tokenizer = served.worker.loaded.tokenizer
+    expected = tokenizer(tokenizer.apply_chat_template(messages, chat_template=TEMPLATE, tokenize=False), add_special_tokens=False)["input_ids"]
+    counted = served.post("/tokenize", json={"model": "templated", "messages": messages}).json()
+    assert counted["tokens"] == expected
+    assert served.post("/tokenize", json={"model": "a", "messages": messages}).json()["tokens"] != expected  # the model's own
+    chat = served.post("/v1/chat/completions", json={"model": "templated", "messages": messages, "max_tokens": 2}).json()
+    assert chat["usage"]["prompt_tokens"] == len(expected)

@@ -60,6 +60,7 @@ class AdapterManager:
         self._revisions: dict[str, int] = {}
         self._retired: set[str] = set()  # loaded in the model, but removed: deleted once no request uses them
         self.generation = 0  # counts changes to the model's adapters (its forward changes with them)
+        self._templates: dict[str, str | None] = {}  # chat templates adapters ship, by name and revision
 
     # ------------------------------------------------------------------ names
     def known(self) -> dict[str, AdapterSource]:
@@ -117,6 +118,23 @@ class AdapterManager:
             return resolve_adapter_source(source, self.settings, allow_hub=True)
         except ModelSourceError as err:
             raise AdapterError(f"lora_path: {err}") from None
+
+    def chat_template(self, name: str) -> str | None:
+        """The chat template an adapter's folder ships (``chat_template.jinja``, or
+        ``tokenizer_config.json``'s), if any: the one it was trained with."""
+        key = self.revision(name)
+        if key not in self._templates:
+            folder = self.locate(name)
+            template = None
+            if (folder / "chat_template.jinja").is_file():
+                template = (folder / "chat_template.jinja").read_text()
+            elif (folder / "tokenizer_config.json").is_file():
+                try:
+                    template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+                except ValueError:
+                    raise AdapterError(f"adapter {name!r}: unreadable tokenizer_config.json") from None
+            self._templates[key] = template if isinstance(template, str) else None
+        return self._templates[key]
 
     def remove(self, name: str) -> None:
         """Stop serving an adapter added with ``add``; its weights leave the model once no running

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from llm_worker.engine import GenerationRequest
 from llm_worker.errors import InputError
+from llm_worker.model.adapters import AdapterError
 from llm_worker.model.prompts import file_templates, render_prompt
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.requests import (
@@ -77,16 +78,29 @@ def completion_prompts(worker: Worker, prompt: str | list[str] | list[int] | lis
     return prompts
 
 
+def chat_template(worker: Worker, adapter: str | None) -> str | None:
+    """The chat template a request gets: ``CHAT_TEMPLATE``, else the one its adapter's folder
+    ships, else (None) the model's own."""
+    name = worker.adapters.choose(adapter)  # the default adapter (LORA_WEIGHTS) too
+    if worker.settings.chat_template is not None or name is None or name not in worker.adapters.known():
+        return worker.settings.chat_template
+    try:
+        return worker.adapters.chat_template(name)
+    except AdapterError as err:
+        raise OpenAIError(f"model: {err}", "model") from None
+
+
 def chat_prompt(
-    worker: Worker, messages: list[Message], tools: list[Tool] | None = None, offered: list[Tool] | None = None
+    worker: Worker, messages: list[Message], tools: list[Tool] | None = None, offered: list[Tool] | None = None,
+    adapter: str | None = None,
 ) -> tuple[list[int], tuple[str, ...]]:
-    """Token ids of the conversation through the chat template (``CHAT_TEMPLATE``, else the
-    model's own), and the stop strings that template implies. ``offered``: the tools the answer
-    may call; a template that ignores tools gets them described (``tool_calls.describe_tools``)."""
+    """Token ids of the conversation through the chat template (``chat_template``), and the stop
+    strings that template implies. ``offered``: the tools the answer may call; a template that
+    ignores tools gets them described (``tool_calls.describe_tools``)."""
     tokenizer = worker.loaded.tokenizer
-    template = worker.settings.chat_template
+    template = chat_template(worker, adapter)
     if template not in file_templates() and offered and tool_format(tokenizer, template).describe:
-        return _render(worker, describe_tools(messages, offered), None)
+        return _render(worker, describe_tools(messages, offered), None, template)
     if template in file_templates():
         if tools or any(m.role == "tool" for m in messages):
             raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
@@ -101,11 +115,13 @@ def chat_prompt(
         ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         return ids, prompt.stop
     functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
-    return _render(worker, [m.for_template() for m in messages], functions)
+    return _render(worker, [m.for_template() for m in messages], functions, template)
 
 
-def _render(worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None) -> tuple[list[int], tuple[str, ...]]:
-    tokenizer, template = worker.loaded.tokenizer, worker.settings.chat_template
+def _render(
+    worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None, template: str | None
+) -> tuple[list[int], tuple[str, ...]]:
+    tokenizer = worker.loaded.tokenizer
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(
             f"messages: the model {worker.loaded.name} has no chat template: set CHAT_TEMPLATE (Jinja text, or alpaca "
@@ -166,7 +182,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
     if offered and request.logprobs:
         raise OpenAIError("logprobs: not available with tools (an answer may be calls, whose tokens are not text)", "logprobs")
     if chat:
-        prompts = [chat_prompt(worker, request.messages, request.tools, offered)]
+        prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter)]
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         )

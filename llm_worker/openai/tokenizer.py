@@ -47,14 +47,14 @@ def tokenize(worker: Worker, body: Any) -> dict[str, Any]:
     from llm_worker.openai.prepare import adapter_for, chat_prompt  # the prompt a chat request gets
 
     request = parse_body(TokenizeMessages if isinstance(body, dict) and "messages" in body else TokenizePrompt, body)
-    adapter_for(worker, request.model)
+    adapter = adapter_for(worker, request.model)
     tokenizer = worker.loaded.tokenizer
     if isinstance(request, TokenizePrompt):
         ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
     else:
         if not request.add_generation_prompt:
             raise OpenAIError("add_generation_prompt: only true is supported (a chat request's prompt has it)", "add_generation_prompt")
-        ids, _ = chat_prompt(worker, request.messages, request.tools, request.tools)  # as tool_choice auto
+        ids, _ = chat_prompt(worker, request.messages, request.tools, request.tools, adapter)  # as tool_choice auto
         if request.add_special_tokens and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
             ids = [tokenizer.bos_token_id, *ids]
     return {
