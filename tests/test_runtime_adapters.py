@@ -3,7 +3,9 @@
 answers as the same adapter configured at start, a removed one is gone, and a new adapter under a
 removed one's name never reuses the old one's cached prompt blocks or weights."""
 
+import concurrent.futures
 import shutil
+import time
 
 import httpx
 import pytest
@@ -131,3 +133,20 @@ def test_an_adapter_that_ships_a_chat_template_gets_it_for_chat(served, folders)
     assert served.post("/tokenize", json={"model": "a", "messages": messages}).json()["tokens"] != expected  # the model's own
     chat = served.post("/v1/chat/completions", json={"model": "templated", "messages": messages, "max_tokens": 2}).json()
     assert chat["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_requests_in_flight_are_not_harmed_by_loads_and_unloads(served):
+    body = {"model": "same", "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    alone = served.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    served.post("/v1/load_lora_adapter", json={"lora_name": "busy", "lora_path": "b"}).raise_for_status()
+    busy_alone = served.post("/v1/completions", json={**body, "model": "busy"}).json()["choices"][0]["text"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(served.post, "/v1/completions", json=b) for b in (body, {**body, "model": "busy"})]
+        while served.worker.engine.running < 2 and not all(future.done() for future in running):  # both admitted: in use
+            time.sleep(0.02)
+        served.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "a"}).raise_for_status()
+        served.post("/v1/unload_lora_adapter", json={"lora_name": "busy"}).raise_for_status()
+        answers = [future.result().json()["choices"][0]["text"] for future in running]
+    assert answers == [alone, busy_alone]
+    assert served.post("/v1/completions", json={**body, "model": "busy"}).status_code == 404
+    assert served.post("/v1/completions", json={**body, "model": "late"}).json()["choices"][0]["text"] == alone  # late is a's copy
