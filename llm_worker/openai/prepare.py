@@ -81,9 +81,11 @@ def completion_prompts(worker: Worker, prompt: str | list[str] | list[int] | lis
 def chat_template(worker: Worker, adapter: str | None) -> str | None:
     """The chat template a request gets: ``CHAT_TEMPLATE``, else the one its adapter's folder
     ships, else (None) the model's own."""
-    name = worker.adapters.choose(adapter)  # the default adapter (LORA_WEIGHTS) too
-    if worker.settings.chat_template is not None or name is None or name not in worker.adapters.known():
+    if worker.settings.chat_template is not None:
         return worker.settings.chat_template
+    name = worker.adapters.choose(adapter)  # the default adapter (LORA_WEIGHTS) too
+    if name is None or name == worker.adapters.merged:  # a merged adapter's folder is not served as one
+        return None
     try:
         return worker.adapters.chat_template(name)
     except AdapterError as err:

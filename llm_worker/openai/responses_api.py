@@ -23,7 +23,7 @@ from pydantic import Field
 from llm_worker.engine import Completion, Delta, EngineError
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import prepare
-from llm_worker.openai.requests import CHAT, _Body, parse_body
+from llm_worker.openai.requests import CHAT, Function, _Body, parse_body
 from llm_worker.openai.responses import FINISH_REASONS
 from llm_worker.openai.tool_calls import CallSplitter, parse_calls
 
@@ -41,40 +41,37 @@ class InputText(_Body):
     annotations: list[Any] | None = None
 
 
-class MessageItem(_Body):
-    type: Literal["message"] = "message"
-    role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputText]
-    id: str | None = None
+class _Item(_Body):
+    id: str | None = None  # as an earlier response named the item; not needed
     status: str | None = None
 
 
-class FunctionCallItem(_Body):
+class MessageItem(_Item):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+
+
+class FunctionCallItem(_Item):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem}
 
 
-class FunctionTool(_Body):
+class FunctionTool(Function):
+    """The Responses API's tool: a chat request's function, flat, with its type."""
+
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedTool(_Body):
