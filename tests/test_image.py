@@ -432,7 +432,9 @@ def test_hf_token_is_only_a_buildkit_secret(instructions):
 
 def test_build_args_become_env_only_when_given(instructions):
     global_args, _ = stages(instructions)
-    assert global_args == {"BASE_MODEL": "", "LORA_WEIGHTS": ""}, "BASE_MODEL and LORA_WEIGHTS default to empty"
+    assert {name: global_args.get(name) for name in BUILD_ARGS} == {"BASE_MODEL": "", "LORA_WEIGHTS": ""}, (
+        "BASE_MODEL and LORA_WEIGHTS default to empty"
+    )
 
     def env_names(build_args: dict[str, str]) -> set[str]:
         names = set()
@@ -445,6 +447,85 @@ def test_build_args_become_env_only_when_given(instructions):
     assert env_names({"BASE_MODEL": "org/model"}) & set(BUILD_ARGS) == {"BASE_MODEL"}
     assert env_names({"LORA_WEIGHTS": "org/adapter"}) & set(BUILD_ARGS) == {"LORA_WEIGHTS"}
     assert env_names({"BASE_MODEL": "m", "LORA_WEIGHTS": "a"}) >= set(BUILD_ARGS)
+
+
+# ---------------------------------------------------------------- the CPU-only image; the docs' docker commands
+DOCKER_PAGES = (ROOT / "README.md", ROOT / "docs" / "deploy.md", ROOT / "docs" / "server.md", DOCKERFILE)
+IMAGE_NAME = re.compile(r"\$REGISTRY/llm-worker:[\w.-]+")
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@dataclass
+class DockerCommand:
+    where: str  # the page (or the Dockerfile's comments) that shows it
+    verb: str  # build, run or push
+    words: list[str]
+
+    def image(self) -> str:
+        if self.verb == "build":
+            return self.words[self.words.index("-t") + 1]
+        images = [word for word in self.words if "llm-worker" in word]
+        assert len(images) == 1, f"{self.where}: docker {self.verb} {' '.join(self.words)}"
+        return images[0]
+
+    def build_args(self) -> dict[str, str]:
+        return dict(self.words[i + 1].split("=", 1) for i, word in enumerate(self.words) if word == "--build-arg")
+
+
+def docker_commands() -> list[DockerCommand]:
+    """Every ``docker build|run|push`` that the README, docs/deploy.md, docs/server.md and the
+    Dockerfile's comments show, continuation lines joined, up to a closing backtick or a comment."""
+    found = []
+    for path in DOCKER_PAGES:
+        text = re.sub(r"\\\n[#\s]*", " ", path.read_text())
+        for match in re.finditer(r"\bdocker (build|run|push) ([^`\n#]*)", text):
+            found.append(DockerCommand(path.name, match.group(1), shlex.split(match.group(2))))
+    return found
+
+
+def test_the_docs_docker_commands_name_one_image_and_agree_on_its_tags(instructions):
+    commands = docker_commands()
+    assert {command.where for command in commands} == {path.name for path in DOCKER_PAGES}
+    global_args, _ = stages(instructions)
+    built: dict[str, dict[str, str]] = {}
+    for command in commands:
+        image = command.image()
+        assert IMAGE_NAME.fullmatch(image), f"{command.where}: {image}: name it $REGISTRY/llm-worker:<tag>"
+        if command.verb == "build":
+            assert set(command.build_args()) <= set(global_args), f"{command.where}: an unknown build argument"
+            assert built.setdefault(image, command.build_args()) == command.build_args(), f"{image} is built two ways"
+    cpu_tags = {image for image, args in built.items() if args.get("TORCH_INDEX") == CPU_TORCH_INDEX}
+    default_tags = {image for image, args in built.items() if not args}
+    assert len(default_tags) == 1 and len(cpu_tags) == 1, f"one default, one CPU-only: {default_tags}, {cpu_tags}"
+    assert cpu_tags == {f"{default}-cpu" for default in default_tags}
+    for command in commands:
+        if command.verb != "build":
+            assert command.image() in built, f"{command.where}: {command.image()} is never built"
+        if command.verb == "run":
+            gpus = "--gpus" in command.words
+            assert gpus != (command.image() in cpu_tags), f"{command.where}: --gpus all only with the CUDA image"
+    server_runs = [command for command in commands if command.where == "server.md" and command.verb == "run"]
+    assert {command.image() in cpu_tags for command in server_runs} == {True, False}, "server.md: a GPU and a CPU VM"
+
+
+def test_the_cpu_only_image_is_the_same_dockerfile_from_ubuntu_and_cpu_torch(instructions):
+    global_args, all_stages = stages(instructions)
+    assert all_stages[0].base == "${BASE_IMAGE}", "the first stage's base is the BASE_IMAGE build argument"
+    release = re.fullmatch(r"nvidia/cuda:[\d.]+-base-ubuntu(\d+\.\d+)", global_args["BASE_IMAGE"]).group(1)
+    assert global_args["TORCH_INDEX"] == "https://pypi.org/simple", "by default PyPI's torch: the CUDA build"
+    cpu_builds = [command.build_args() for command in docker_commands() if "BASE_IMAGE" in command.build_args()]
+    assert cpu_builds, "no docs show the CPU-only build"
+    for args in cpu_builds:  # the same Ubuntu release as the CUDA image's: the same python3 and apt packages
+        assert args == {"BASE_IMAGE": f"ubuntu:{release}", "TORCH_INDEX": CPU_TORCH_INDEX}, args
+    torch_installs = [i for i in instructions if i.keyword == "RUN" and "torch==" in i.args]
+    assert len(torch_installs) == 1 and '--index-url "$TORCH_INDEX"' in torch_installs[0].args
+    assert torch_installs[0] in all_stages[0].instructions
+    assert any(i.keyword == "ARG" and i.args == "TORCH_INDEX" for i in all_stages[0].instructions), (
+        "a global ARG reaches a stage's RUN only when the stage declares it again"
+    )
+    chain = final_chain(cpu_builds[0])
+    assert expand(chain[0].base, {**global_args, **cpu_builds[0]}) == f"ubuntu:{release}"
+    assert bake_instruction(instructions) in [i for stage in chain for i in stage.instructions]
 
 
 # ---------------------------------------------------------------- RunPod Hub files
@@ -516,7 +597,8 @@ def test_hub_json_lists_every_setting_with_its_default(instructions):
 
 
 def test_cuda_versions_match_the_base_image(instructions):
-    base = next(i.args for i in instructions if i.keyword == "FROM")
+    global_args, all_stages = stages(instructions)
+    base = expand(all_stages[0].base, global_args)  # the default BASE_IMAGE
     match = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", base)
     assert match, f"the first stage must be an NVIDIA CUDA image with a pinned version: {base}"
     image_cuda = (int(match.group(1)), int(match.group(2)))
