@@ -178,8 +178,32 @@ class ServerSettings(Environment):
         None, description="Every route but / and /health needs Authorization: Bearer <API_KEY>; never logged."
     )
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long running requests may finish before they are failed."
+        8.0,
+        ge=0,
+        description="On SIGTERM, how long running requests may finish before they are failed (under docker stop's 10 s).",
     )
+    max_waiting_requests: int = Field(
+        128, ge=1, description="Generation requests waiting for the engine past which new ones get 429 with Retry-After."
+    )
+    cors_origins: str | None = Field(
+        None, description="Origins browsers may call from, comma-separated (* for any); unset: no CORS headers."
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        for origin in origins(value):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: use scheme://host[:port] (no path), comma-separated, or *")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return origins(self.cors_origins)
+
+
+def origins(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 SECRETS = ("hf_token", "api_key")

@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from llm_worker.engine.constraints import MaskComputer
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.service import Worker, collect
 from llm_worker.settings import ServerSettings, Settings
 

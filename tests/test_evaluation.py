@@ -14,7 +14,7 @@ from openai.types import Completion
 from transformers import AutoModelForCausalLM
 
 from llm_worker.doors import jobs
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
 

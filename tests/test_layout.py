@@ -7,6 +7,8 @@ and import none, and no door (``llm_worker/doors/``) imports another."""
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,13 @@ MODULES = sorted(
     path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__") for path in PACKAGE.rglob("*.py")
 )
 BASE = {"llm_worker", "llm_worker.errors", "llm_worker.settings", "llm_worker.logs", "llm_worker.schema"}
-DOORS = {"llm_worker.doors.jobs", "llm_worker.doors.server", "llm_worker.doors.http", "llm_worker.doors.metrics"}
-# the HTTP server's own parts: its routes (server), what they share (http), its metrics
-HTTP_SERVER = {"llm_worker.doors.server": {"llm_worker.doors.http", "llm_worker.doors.metrics"}, "llm_worker.doors.http": {"llm_worker.doors.metrics"}}
+DOORS = {"llm_worker.doors.jobs", "llm_worker.doors.server", "llm_worker.doors.app", "llm_worker.doors.http", "llm_worker.doors.metrics"}
+# the HTTP server's own parts: its process (server), its routes (app), what they share (http), its metrics
+HTTP_SERVER = {
+    "llm_worker.doors.server": {"llm_worker.doors.app", "llm_worker.doors.http"},
+    "llm_worker.doors.app": {"llm_worker.doors.http", "llm_worker.doors.metrics"},
+    "llm_worker.doors.http": {"llm_worker.doors.metrics"},
+}
 MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 250
 
@@ -114,3 +120,12 @@ def test_the_development_guide_maps_every_module_of_the_tree():
     files = {path.relative_to(ROOT).as_posix() for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
     covered = {file for file in files if any(ROOT.joinpath(file) in ROOT.glob(path) for path in named)}
     assert files == covered, f"modules missing from docs/development.md's map: {sorted(files - covered)}"
+
+
+def test_the_server_entry_imports_neither_torch_nor_the_web_framework():
+    """``python -m llm_worker.doors.server`` opens its port before the heavy imports: importing the
+    entry module (a fresh interpreter) must not pull torch, transformers or FastAPI in."""
+    probe = "import sys, llm_worker.doors.server; print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'peft') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

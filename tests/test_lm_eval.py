@@ -14,7 +14,7 @@ from conftest import SEED_TASKS, running
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
 

@@ -12,7 +12,7 @@ from conftest import running, strictly
 from openai.types.responses import Response
 
 from llm_worker.doors import jobs
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.settings import ServerSettings
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -14,7 +14,7 @@ from conftest import running
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
 
@@ -96,7 +96,7 @@ def test_a_new_adapter_under_a_removed_ones_name_shares_nothing_with_it(served, 
         ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "../a"}, "is not a folder inside ADAPTER_DIR"),
         ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "escape"}, "is not a folder inside ADAPTER_DIR"),
         ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "missing"}, "lora_path: 'missing' has no adapter_config.json"),
-        ("/v1/load_lora_adapter", {"lora_name": "new"}, "lora_name and lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "new"}, "lora_path: Field required"),
         ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/tmp", "zebra": 1}, "zebra"),
         ("/v1/unload_lora_adapter", {"lora_name": "same"}, "it comes from LORA_ADAPTERS"),
         ("/v1/unload_lora_adapter", {"lora_name": "nobody"}, "no such adapter"),

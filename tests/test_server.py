@@ -22,7 +22,7 @@ from conftest import ROOT, doc_blocks, free_port, job, running, seed_tasks, stri
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.settings import ServerSettings
 
 KEY = "sk-test-9f2c1e7d"
@@ -295,11 +295,14 @@ def test_a_client_that_disconnects_cancels_its_request(served, caplog):
 
 def server_examples(page: str) -> tuple[str, list[tuple[str, str, str]]]:
     """A page's server command (its first block, or in the README the section "Run it as a
-    server"), then each command with the output shown after it (kind: json or text)."""
+    server"), then each command with the output shown after it (kind: json or text): in
+    docs/server.md, the examples before its first section."""
     blocks = doc_blocks(page, "Run it as a server" if page == "README.md" else None)
     if page == "README.md":
         assert [lang for lang, _ in blocks] == ["bash", "bash", "json"]
     else:
+        intro = (ROOT / page).read_text().split("\n## ")[0]
+        blocks = blocks[: intro.count("```") // 2]
         assert [lang for lang, _ in blocks] == ["bash", "bash", "json", "bash", "text", "bash", "json"]
     return blocks[0][1].strip(), [(blocks[i][1], *blocks[i + 1]) for i in range(1, len(blocks), 2)]
 
@@ -330,29 +333,38 @@ def test_the_docs_server_commands_print_what_they_show(served, page, index):
 
 # ---------------------------------------------------------------------- its own process
 def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
-    """``python -m llm_worker.doors.server``: /health says loading, then ok; on SIGTERM with requests in
-    flight, each gets its answer or an error within the grace period, and the process exits 0.
-    Nothing it logged (at DEBUG) holds the API key."""
+    """``python -m llm_worker.doors.server`` with the default grace: the port answers (``loading``,
+    and 401 without the key) before the model is loaded; on SIGTERM with requests in flight,
+    /health says ``shutting_down`` while the port stays open, a new request gets 503, each running
+    request gets its answer or an error, and the process exits 0 within the grace + 2 s (under
+    docker stop's 10 s). Nothing it logged (at DEBUG) holds the API key."""
     port = free_port()
     log_file = tmp_path / "server.log"
-    env = {**os.environ, "DTYPE": "float32", "API_KEY": KEY, "SHUTDOWN_GRACE_SECONDS": "2", "LOG_LEVEL": "DEBUG"}
+    env = {**os.environ, "DTYPE": "float32", "API_KEY": KEY, "LOG_LEVEL": "DEBUG"}
+    env.pop("SHUTDOWN_GRACE_SECONDS", None)
+    grace = ServerSettings.model_fields["shutdown_grace_seconds"].default
     with open(log_file, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "llm_worker.doors.server", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
         )
     url = f"http://127.0.0.1:{port}"
-    states = []
+    states, early = [], {}
     deadline = time.monotonic() + 120
     while not states or states[-1] != "ok":
         assert time.monotonic() < deadline and process.poll() is None, log_file.read_text()[-3000:]
         try:
             states.append(httpx.get(f"{url}/health", timeout=5).json()["status"])
+            if states[-1] == "loading" and not early:
+                early = {"stranger": httpx.get(f"{url}/v1/models").status_code, "keyed": httpx.get(f"{url}/v1/models", headers=AUTH)}
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    assert "loading" in states, states
+    assert states[0] == "loading", states
+    assert early["stranger"] == 401 and early["keyed"].status_code in (503, 200)  # 200: loaded in between
+    if early["keyed"].status_code == 503:
+        assert early["keyed"].json()["error"]["code"] == "worker_unavailable"
 
-    results = {}
+    results, ended = {}, {}
 
     def call(name, body, stream=False, path="/generate"):
         try:
@@ -365,6 +377,7 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
                     results[name] = ("plain", response.status_code, response.json())
         except httpx.HTTPError as err:
             results[name] = ("transport", None, repr(err))
+        ended[name] = time.monotonic()
 
     story = {"prompt": "Once upon a time", "max_tokens": 400}
     calls = {
@@ -383,11 +396,38 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
         assert time.monotonic() < deadline and process.poll() is None, (results, log_file.read_text()[-3000:])
         time.sleep(0.05)
     assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    probes = []  # (when, what /health said, or "refused" once the port is closed)
+
+    def probe():
+        while process.poll() is None:
+            try:
+                probes.append((time.monotonic(), httpx.get(f"{url}/health", timeout=5).json()["status"]))
+            except httpx.TransportError:
+                probes.append((time.monotonic(), "refused"))
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
+    prober.start()
+    until = time.monotonic() + 30
+    while not any(state == "shutting_down" for _, state in probes):
+        assert time.monotonic() < until, probes[-5:]
+        time.sleep(0.02)
+    late = httpx.post(f"{url}/generate", headers=AUTH, json=job(FRANCE, max_new_tokens=8))
+    assert late.status_code == 503 and "shutting down; retry" in late.json()["error"]
     for thread in threads:
         thread.join(timeout=60)
         assert not thread.is_alive(), "a request hung"
     assert process.wait(timeout=60) == 0
+    exited = time.monotonic()
+    prober.join(timeout=10)
+    assert exited - signalled < grace + 2, f"exited {exited - signalled:.1f} s after SIGTERM"
+    said = [state for _, state in probes]
+    first_refused = said.index("refused") if "refused" in said else len(said)
+    assert set(said[:first_refused]) == {"shutting_down"} and set(said[first_refused:]) <= {"refused"}, said
+    # the load balancer heard it while the long requests were still running
+    assert probes[0][0] < min(ended["long_plain"], ended["long_stream"])
     logged = log_file.read_text()
     assert KEY not in logged and "Shutdown grace period over" in logged
 

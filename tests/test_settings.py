@@ -278,3 +278,22 @@ def test_the_servers_settings_hide_the_key_and_say_what_they_accept(environ):
     with pytest.raises(SettingsError) as caught:
         ServerSettings(api_key=12345678, shutdown_grace_seconds=1)
     assert str(caught.value) == "API_KEY=(hidden): use text"
+
+
+def test_the_servers_front_settings_say_what_they_accept(environ):
+    environ(CORS_ORIGINS="https://chat.example.com, http://localhost:5173", MAX_WAITING_REQUESTS="16")
+    config = ServerSettings()
+    assert config.cors_origin_list == ["https://chat.example.com", "http://localhost:5173"] and config.max_waiting_requests == 16
+    assert ServerSettings.model_fields["shutdown_grace_seconds"].default < 10  # docker stop kills after 10 s
+    for value, message in [
+        ("chat.example.com", "CORS_ORIGINS='chat.example.com': 'chat.example.com' is not an origin"),
+        ("https://chat.example.com/app", "is not an origin: use scheme://host[:port] (no path)"),
+    ]:
+        environ(CORS_ORIGINS=value)
+        with pytest.raises(SettingsError) as caught:
+            ServerSettings()
+        assert message in str(caught.value)
+    environ(CORS_ORIGINS="*", MAX_WAITING_REQUESTS="0")
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings()
+    assert str(caught.value) == "MAX_WAITING_REQUESTS='0': use a whole number of at least 1"

@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_worker.doors.server import create_app
+from llm_worker.doors.app import create_app
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import chat_prompt
 from llm_worker.openai.requests import Message, Tool

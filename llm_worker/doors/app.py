@@ -1,7 +1,5 @@
-"""The HTTP door, for Pods, VMs and workstations: the seed's REST API and OpenAI's over one
-``Worker``, served by uvicorn.
-
-    python -m llm_worker.doors.server --host 127.0.0.1 --port 8000
+"""The HTTP server's routes (``python -m llm_worker.doors.server`` serves them): the seed's REST
+API and OpenAI's over one ``Worker``.
 
 - ``GET /``: alive, as the seed. ``GET /health``: 200 once the model is loaded, else 503 and why.
 - ``POST /generate``: a native event (the seed's ``generation_config`` + ``prompt_config``, and
@@ -13,36 +11,34 @@
 - ``GET /metrics``: Prometheus text.
 
 Many clients share the engine's batches; a client that disconnects cancels its request. With
-``API_KEY`` set, every route but ``/`` and ``/health`` needs ``Authorization: Bearer <key>``. On
-SIGTERM the server stops accepting, lets running requests finish for ``SHUTDOWN_GRACE_SECONDS``,
-fails the rest with an error, and exits 0.
+``API_KEY`` set, every path but ``/`` and ``/health`` needs ``Authorization: Bearer <key>``.
+Past ``MAX_WAITING_REQUESTS`` waiting, generation requests get 429; ``CORS_ORIGINS`` lets
+browsers call it.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 import threading
 import uuid
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
-import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from llm_worker import openai
-from llm_worker.doors.http import PUBLIC_PATHS, Door, Failure, log, native_events, outcome, read_json
+from llm_worker.doors.http import Door, Failure, Gate, native_events, read_json
 from llm_worker.doors.metrics import CONTENT_TYPE
 from llm_worker.engine import EngineError
 from llm_worker.errors import InputError
-from llm_worker.logs import configure_logging
 from llm_worker.model.adapters import AdapterError
 from llm_worker.openai import OpenAIError
 from llm_worker.service import Worker
-from llm_worker.settings import ServerSettings, SettingsError
+from llm_worker.settings import ServerSettings
 
 
 # ---------------------------------------------------------------------- the app
@@ -58,25 +54,11 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
         yield
         await door.close()
 
-    def authorized(request: Request) -> None:
-        if request.url.path not in PUBLIC_PATHS:
-            door.authorize(request)
-
-    app = FastAPI(
-        title="llm-worker",
-        lifespan=lifespan,
-        dependencies=[Depends(authorized)],
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = FastAPI(title="llm-worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.door = door
 
     @app.exception_handler(Failure)
     async def refused(request: Request, err: Failure) -> JSONResponse:
-        route = request.scope.get("route")
-        if route is not None:
-            door.metrics.request(route.path, outcome(err.status))
         return JSONResponse(err.body(request.url.path), err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
@@ -106,7 +88,7 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        worker = door.ready()
+        worker = door.admit()
         body = await read_json(request, worker.limits.max_input_bytes)
         if not isinstance(body, dict):
             raise Failure(400, f"body: must be a JSON object, got {type(body).__name__}")
@@ -146,11 +128,10 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
             answer = openai.plain_answer(worker, route, body)
         except OpenAIError as err:
             raise Failure.of(err) from None
-        door.metrics.request(route, "success")
         return JSONResponse(answer)
 
     async def openai_route(request: Request, route: str) -> Response:
-        worker = door.ready()
+        worker = door.admit()
         body = await read_json(request, worker.limits.max_input_bytes)
         try:
             response = openai.open_request(worker, route, body)
@@ -181,74 +162,56 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     async def runtime_adapter(request: Request) -> PlainTextResponse:
         """vLLM's routes: ``{"lora_name", "lora_path"}`` loads, ``{"lora_name"}`` unloads (ALLOW_RUNTIME_ADAPTERS)."""
         worker, route = door.ready(), request.url.path
-        body = await read_json(request, worker.limits.max_input_bytes)
         loading = route == "/v1/load_lora_adapter"
-        fields = ("lora_name", "lora_path") if loading else ("lora_name",)
-        if not isinstance(body, dict) or any(not isinstance(body.get(field), str) for field in fields):
-            raise Failure(400, f"body: must be a JSON object with {' and '.join(fields)} (strings)")
-        if set(body) - {*fields, "lora_int_id", "base_model_name"}:
-            raise Failure(400, f"body: unknown fields {sorted(set(body) - {*fields, 'lora_int_id', 'base_model_name'})}")
+        body = adapter_body(LoadAdapter if loading else UnloadAdapter, await read_json(request, worker.limits.max_input_bytes))
         try:
             if loading:
-                await asyncio.to_thread(worker.load_adapter, body["lora_name"], body["lora_path"])
+                await asyncio.to_thread(worker.load_adapter, body.lora_name, body.lora_path)
             else:
-                worker.unload_adapter(body["lora_name"])
+                worker.unload_adapter(body.lora_name)
         except (InputError, AdapterError) as err:
             status = 403 if "ALLOW_RUNTIME_ADAPTERS" in str(err) else 400
             raise Failure(status, str(err)) from None
-        door.metrics.request(route, "success")
         done = "added" if loading else "removed"
-        return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' {done} successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {done} successfully.")
 
     @app.post(openai.RESPONSES)
     async def responses(request: Request) -> Response:
         return await openai_route(request, openai.RESPONSES)
 
+    app.add_middleware(Gate, door=door, routes=frozenset(route.path for route in app.routes))
+    if door.config.cors_origin_list:  # outermost: preflights are answered before the API key is asked for
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=door.config.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # the openai clients send their own x-stainless-* headers
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
     return app
 
 
-# ---------------------------------------------------------------------- the process
-class Server(uvicorn.Server):
-    """uvicorn, with the door drained first on shutdown."""
+# ---------------------------------------------------------------------- runtime adapters' bodies
+class UnloadAdapter(BaseModel):
+    """vLLM's body for /v1/unload_lora_adapter (``lora_int_id`` is accepted and unused)."""
 
-    def __init__(self, config: uvicorn.Config, door: Door) -> None:
-        super().__init__(config)
-        self.door = door
-
-    async def shutdown(self, sockets=None) -> None:
-        self.door.drain()
-        await super().shutdown(sockets)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str
+    lora_int_id: int | None = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_worker.doors.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, as in a container)")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    configure_logging()
+class LoadAdapter(UnloadAdapter):
+    """vLLM's body for /v1/load_lora_adapter (``base_model_name`` is accepted and unused)."""
+
+    lora_path: str
+    base_model_name: str | None = None
+
+
+def adapter_body(model: type[UnloadAdapter], body: Any) -> UnloadAdapter:
     try:
-        config = ServerSettings()
-    except SettingsError as err:
-        for problem in err.problems:
-            log.error("Invalid setting: %s", problem)
-        return 2
-    app = create_app(config=config)
-    door: Door = app.state.door
-    server_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=None,  # ours (configure_logging): one format for every line
-        timeout_graceful_shutdown=door.grace + 30,  # a backstop: the door fails what is left after the grace
-        timeout_keep_alive=5,
-    )
-    server = Server(server_config, door)
-    # uvicorn re-raises the signal it shut down for once it is done; handled, it ends the process with 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
-    return 0 if server.started else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        return model.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "body"
+        raise Failure(400, f"{field}: {first['msg']}", openai=OpenAIError(f"{field}: {first['msg']}", param=field)) from None

@@ -1,6 +1,7 @@
 """What the HTTP server's routes share: ``Door`` (the settings, the worker once loaded, the
-metrics, shutdown, answers that end when their client leaves), ``Failure`` (a refusal shaped by
-the route's family) and reading a request's JSON body within its size limit."""
+metrics, overload, shutdown, answers that end when their client leaves), ``Gate`` (the API key
+before routing, and every answer counted), ``Failure`` (a refusal shaped by the route's family)
+and reading a request's JSON body within its size limit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from contextlib import aclosing, suppress
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_worker import openai
 from llm_worker.doors.metrics import Metrics
@@ -53,6 +55,7 @@ class Failure(Exception):
 
 
 CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 503: "worker_unavailable"}
+OVERLOADED = 429
 
 
 class Door:
@@ -64,6 +67,7 @@ class Door:
         self.owns_worker = worker is None
         self.metrics = Metrics()
         self.draining = False
+        self.in_flight = 0  # requests past the gate and not yet answered (health probes aside)
         self.grace = config.shutdown_grace_seconds
         self._expiry: asyncio.TimerHandle | None = None
         if worker is not None:
@@ -95,16 +99,27 @@ class Door:
             raise Failure(503, reason, openai=openai.unavailable(reason))
         return self.worker
 
-    def authorize(self, request: Request) -> None:
+    def admit(self) -> Worker:
+        """The worker, for a request that generates: refused while loading or shutting down, and with
+        429 while MAX_WAITING_REQUESTS engine requests wait already."""
+        worker = self.ready()
+        waiting, limit = worker.engine.stats().waiting, self.config.max_waiting_requests
+        if waiting >= limit:
+            message = f"the server is overloaded: {waiting} requests are waiting (MAX_WAITING_REQUESTS={limit}); retry after a second"
+            refusal = openai.OpenAIError(message, type="server_overloaded", code="too_many_waiting_requests", status=OVERLOADED)
+            raise Failure(OVERLOADED, message, openai=refusal, headers={"Retry-After": "1"})
+        return worker
+
+    def authorized(self, headers: dict[str, str]) -> bool:
         """``Authorization: Bearer <API_KEY>`` when the key is set, compared in constant time."""
         key = self.config.api_key
         if key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        expected = key.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            message = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
-            raise Failure(401, message, headers={"WWW-Authenticate": "Bearer"})
+            return True
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode())
+
+    def idle(self) -> bool:
+        return self.in_flight == 0
 
     def engine_status(self) -> int:
         """The status of an answer the engine failed: the shutdown's, or a server error."""
@@ -146,11 +161,8 @@ class Door:
                 with suppress(asyncio.CancelledError):
                     await task
         if task not in done:
-            self.metrics.request(route, "cancelled")
             return Response(status_code=CLIENT_GONE)
-        response = task.result()
-        self.metrics.request(route, outcome(response.status_code))
-        return response
+        return task.result()
 
     def stream(self, route: str, events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
         """Server-sent events as they come. A client that disconnects cancels the stream, and with
@@ -197,7 +209,50 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 def outcome(status: int) -> str:
+    if status == CLIENT_GONE:
+        return "cancelled"
+    if status == OVERLOADED:
+        return "overloaded"
     return "success" if status < 400 else "client_error" if status < 500 else "server_error"
+
+
+class Gate:
+    """The server's first step (an ASGI middleware, before routing): with ``API_KEY`` set, any path
+    but ``/`` and ``/health`` without the key is 401, known route or not; every answer is counted
+    by route (unknown paths as ``unmatched``) and outcome, except streams, which count themselves
+    once they end (``Door.stream``); requests in flight are counted for the shutdown's drain."""
+
+    def __init__(self, app: ASGIApp, door: Door, routes: frozenset[str]) -> None:
+        self.app, self.door, self.routes = app, door, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in self.routes else "unmatched"
+        status, streamed = 500, False
+
+        async def sending(message: Message) -> None:
+            nonlocal status, streamed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                streamed = any(name == b"content-type" and value.startswith(b"text/event-stream") for name, value in message["headers"])
+            await send(message)
+
+        public = path in PUBLIC_PATHS
+        self.door.in_flight += not public
+        try:
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+            if public or self.door.authorized(headers):
+                await self.app(scope, receive, sending)
+            else:
+                message = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
+                failure = Failure(401, message)
+                await JSONResponse(failure.body(path), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, sending)
+        finally:
+            self.door.in_flight -= not public
+            if not streamed:
+                self.door.metrics.request(route, outcome(status))
 
 
 async def native_events(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:

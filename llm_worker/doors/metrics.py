@@ -17,7 +17,7 @@ from llm_worker.service import RequestRecord
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a fast GPU's first token to a long CPU answer.
 LATENCY_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
-OUTCOMES = ("success", "client_error", "server_error", "cancelled")
+OUTCOMES = ("success", "client_error", "server_error", "cancelled", "overloaded")
 
 
 class Metrics:
@@ -26,8 +26,9 @@ class Metrics:
         ProcessCollector(registry=registry)
         self.requests = Counter(
             "llm_worker_http_requests",
-            "HTTP requests by route and outcome: success, client_error (4xx), server_error (5xx, or an error "
-            "after a stream began) and cancelled (the client went away first).",
+            "HTTP requests by route (unmatched: an unknown path) and outcome: success, client_error (4xx), "
+            "server_error (5xx, or an error after a stream began), cancelled (the client went away first) "
+            "and overloaded (429: MAX_WAITING_REQUESTS reached).",
             ["route", "outcome"],
             registry=registry,
         )
