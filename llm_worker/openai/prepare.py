@@ -27,7 +27,7 @@ from llm_worker.openai.requests import (
     _Request,
     parse,
 )
-from llm_worker.openai.tool_calls import call_grammar, describe_tools, offered_tools, tool_format
+from llm_worker.openai.tool_calls import HERMES, ToolFormat, call_grammar, describe_tools, offered_tools, tool_format
 from llm_worker.schema import GenerationConfig
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class Prepared:
     requests: list[GenerationRequest]
     prompts: int
     tool_calls: str | None = None  # auto: each answer is text or calls of the request's tools; required: calls
+    tool_format: ToolFormat = HERMES  # how the answers write their calls
     echo: tuple[Echo, ...] | None = None  # completions with echo: each prompt, to begin its answers
     prompt_only: bool = False  # max_tokens 0: the engine's one token is not part of the answer
 
@@ -185,6 +186,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         raise OpenAIError("logprobs: not available with tools (an answer may be calls, whose tokens are not text)", "logprobs")
     if chat:
         prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter)]
+        fmt = tool_format(worker.loaded.tokenizer, chat_template(worker, adapter)) if offered else HERMES  # read by chat_prompt
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         )
@@ -226,7 +228,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
             base = worker.request(ids, config, tuple(stop) + template_stop, adapter, job_id)
             if offered:
                 parallel = request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice)
-                grammar = call_grammar(offered, text, parallel)  # a named function: that one call
+                grammar = call_grammar(offered, text, parallel, fmt)  # a named function: that one call
                 strict = any(tool.function.strict for tool in offered)
                 base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar, strict))
             elif isinstance(request.response_format, JsonSchemaResponseFormat) and request.response_format.json_schema.strict:
@@ -246,7 +248,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         requests += worker.choices(base)
     if chat:
         calls = None if not offered else "auto" if text else "required"
-        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), calls)
+        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), calls, fmt)
     echo = tuple(echoes) if request.echo else None
     return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), echo=echo, prompt_only=prompt_only)
 

@@ -101,7 +101,7 @@ class Response:
         for index, done in enumerate(completions):
             choice: dict[str, Any] = {"index": index}
             finish_reason = FINISH_REASONS[done.finish_reason]
-            calls = parse_calls(done.text) if self.prepared.tool_calls and finish_reason == "stop" else None
+            calls = parse_calls(done.text, self.prepared.tool_format) if self.prepared.tool_calls and finish_reason == "stop" else None
             if calls:
                 tool_calls = [self.tool_call(index, k, name, arguments) for k, (name, arguments) in enumerate(calls)]
                 choice["message"], finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
@@ -196,7 +196,8 @@ class Response:
         requests = self.prepared.requests
         sent = [0] * len(requests)  # logprobs already streamed, per choice
         finished: dict[int, Completion] = {}
-        calls = [CallSplitter(text=self.prepared.tool_calls == "auto") for _ in requests] if self.prepared.tool_calls else None
+        fmt = self.prepared.tool_format
+        calls = [CallSplitter(text=self.prepared.tool_calls == "auto", fmt=fmt) for _ in requests] if self.prepared.tool_calls else None
         if self.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(requests)):
                 yield self.chunk(index, "", (), first=True)

@@ -218,7 +218,7 @@ class ResponsesAnswer:
 
     def output(self, done: Completion) -> tuple[str, list[dict[str, Any]]]:
         finished = FINISH_REASONS[done.finish_reason] == "stop"
-        calls = parse_calls(done.text) if self.prepared.tool_calls and finished else None
+        calls = parse_calls(done.text, self.prepared.tool_format) if self.prepared.tool_calls and finished else None
         if calls:
             return "completed", [self.call_item(k, name, json.dumps(arguments, ensure_ascii=False)) for k, (name, arguments) in enumerate(calls)]
         return "completed" if finished else "incomplete", [self.message_item(done.text)]
@@ -263,7 +263,8 @@ class ItemStream:
 
     def __init__(self, answer: ResponsesAnswer) -> None:
         self.answer = answer
-        self.splitter = CallSplitter(text=answer.prepared.tool_calls != "required") if answer.prepared.tool_calls else None
+        prepared = answer.prepared
+        self.splitter = CallSplitter(text=prepared.tool_calls != "required", fmt=prepared.tool_format) if prepared.tool_calls else None
         self.items: list[dict[str, Any]] = []  # finished items
         self.text: str | None = None  # the open message's text
         self.call: dict[str, Any] | None = None  # the open call

@@ -1,16 +1,19 @@
 """Tool calls, decided by a grammar rather than parsed after the fact.
 
 An answer to a request with ``tools`` is constrained (llguidance, a Lark grammar) to the format
-the model's chat template teaches: calls written as Hermes/Qwen do, ``<tool_call>\\n{"name": ...,
-"arguments": {...}}\\n</tool_call>``, the arguments valid against that tool's parameters. With
-``tool_choice`` ``"auto"`` the grammar also offers free text that never contains a call's opening
-tag, so the model decides, and a call it starts is always whole, valid JSON for its tool;
-``"required"`` or a named function offers calls only; ``parallel_tool_calls: false`` allows one.
+the model's chat template teaches, the arguments valid against that tool's parameters. With
+``tool_choice`` ``"auto"`` the grammar also offers free text that can never be read as a call, so
+the model decides, and a call it starts is always whole, valid JSON for its tool; ``"required"``
+or a named function offers calls only; ``parallel_tool_calls: false`` allows one.
 
-Formats (``tool_format``): a chat template that writes ``<tool_call>`` tags is served in that
-format (``hermes``); a template that ignores ``tools`` (SmolLM2's, most base models') gets the
-same tags with the tools described in the system message and earlier calls and results written
-as text (``generic``); any other template's format is refused, naming ``tool_choice``.
+Formats (``tool_format``, read from how the template writes an earlier call):
+- ``hermes``: Hermes/Qwen's ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one
+  block per call;
+- ``llama3_json``: Llama 3.1-3.3's ``{"name": ..., "parameters": {...}}`` as the whole answer, one
+  call (its templates take one call per turn); text is anything that does not begin with ``{``;
+- ``generic``: a template that ignores ``tools`` (SmolLM2's, most base models') gets Hermes' tags,
+  with the tools described in the system message and earlier calls and results written as text.
+Any other template's format (Mistral's ``[TOOL_CALLS]``, ...) is refused, naming ``tool_choice``.
 
 ``CallSplitter`` turns such an answer, as it streams, into text deltas or tool-call deltas,
 never the tags themselves.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +31,12 @@ from llm_worker.engine.constraints import JSON_LAYOUT, MAX_DEPTH, closed_objects
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.requests import ChatRequest, Message, Tool
 
-OPEN, CLOSE, BETWEEN = "<tool_call>\n", "\n</tool_call>", "\n"
-CALL_PREFIX = '{"name": '  # a call's JSON: {"name": "...", "arguments": {...}}
-ARGUMENTS = ', "arguments": '
-PROVEN = "Hermes/Qwen <tool_call> tags, and templates without tools (the generic format, tools described in the system message)"
+OPEN, CLOSE, BETWEEN = "<tool_call>\n", "\n</tool_call>", "\n"  # Hermes' tags
+CALL_PREFIX = '{"name": '  # a call's JSON: {"name": "...", "arguments": {...}} (Llama 3's: "parameters")
+PROVEN = (
+    "Hermes/Qwen <tool_call> tags, Llama 3.1-3.3's JSON, and templates without tools "
+    "(the generic format, tools described in the system message)"
+)
 GENERIC_PROMPT = (
     "You can call functions to answer. Their signatures, one JSON object per line:\n<tools>\n{tools}\n</tools>\n"
     "To call one, answer only with\n<tool_call>\n{{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}}\n"
@@ -40,25 +46,46 @@ GENERIC_PROMPT = (
 
 @dataclass(frozen=True)
 class ToolFormat:
-    name: str  # hermes: the template's own tags; generic: the same tags, tools described by this worker
+    name: str  # hermes: the template's own tags; generic: the same tags, tools described by this worker; llama3_json
     describe: bool  # the tools, earlier calls and results are written into the messages by this worker
+    open: str = OPEN  # before each call ("": the call is the answer, known by its first character)
+    close: str = CLOSE  # after each call
+    key: str = "arguments"  # the call's JSON: {"name": ..., key: {...}}
+    parallel: bool = True  # several calls in one answer
+
+    @property
+    def arguments(self) -> str:
+        return f', "{self.key}": '
 
 
 HERMES = ToolFormat("hermes", describe=False)
 GENERIC = ToolFormat("generic", describe=True)
+LLAMA3_JSON = ToolFormat("llama3_json", describe=False, open="", close="", key="parameters", parallel=False)
+PROBE_CALL = {"id": "call_probe7f3", "type": "function", "function": {"name": "probe_tool_7f3", "arguments": {"city": "Oslo"}}}
 
 
 @functools.lru_cache(maxsize=8)
 def tool_format(tokenizer, template: str | None) -> ToolFormat:
-    """How the chat template (``CHAT_TEMPLATE``, else the model's) writes tool calls."""
+    """How the chat template (``CHAT_TEMPLATE``, else the model's) writes tool calls: read from how
+    it writes an earlier call, and whether it writes the tools at all."""
     source = template if template is not None else getattr(tokenizer, "chat_template", None) or ""
     probe = [{"role": "user", "content": "hi"}]
     tool = {"type": "function", "function": {"name": "probe_tool_7f3", "parameters": {"type": "object", "properties": {}}}}
-    render = lambda tools: tokenizer.apply_chat_template(probe, tools=tools, chat_template=template, tokenize=False)  # noqa: E731
-    if render([tool]) == render(None):
+
+    def render(messages, tools):
+        return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False)
+
+    if render(probe, [tool]) == render(probe, None):
         return GENERIC
-    if "<tool_call>" in source:
+    try:
+        history = [*probe, {"role": "assistant", "content": "", "tool_calls": [PROBE_CALL]}]
+        written = render([*history, {"role": "tool", "tool_call_id": PROBE_CALL["id"], "content": "sunny"}], [tool])
+    except Exception:  # a template with its own rules for calls (ids, roles): read its source alone
+        written = ""
+    if "<tool_call>" in written or "<tool_call>" in source:
         return HERMES
+    if re.search(r'\{"name": "probe_tool_7f3", "parameters": \{"city": "Oslo"\}\}', written):
+        return LLAMA3_JSON
     raise OpenAIError(
         f"tool_choice: this model's chat template writes tool calls in a format this worker does not read; proven: {PROVEN}. "
         "Set CHAT_TEMPLATE to a template in one of them, or send no tools",
@@ -110,9 +137,9 @@ def offered_tools(request: ChatRequest) -> tuple[list[Tool], bool]:
     return named, False
 
 
-def call_grammar(tools: list[Tool], text: bool, parallel: bool) -> str:
+def call_grammar(tools: list[Tool], text: bool, parallel: bool, fmt: ToolFormat = HERMES) -> str:
     """The Lark grammar (llguidance's, with ``%json``) of an answer that calls ``tools`` (or, with
-    ``text``, is free text without a call's tag), one call or several."""
+    ``text``, is free text that cannot be read as a call), one call or several, in ``fmt``."""
     for i, tool in enumerate(tools):
         if json_depth(tool.function.parameters) > MAX_DEPTH:
             raise OpenAIError(f"tools[{i}].function.parameters: nested more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters")
@@ -121,9 +148,9 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool) -> str:
             "type": "object",
             "properties": {
                 "name": {"const": tool.function.name},
-                "arguments": closed_objects(tool.function.parameters or {"type": "object", "properties": {}}),
+                fmt.key: closed_objects(tool.function.parameters or {"type": "object", "properties": {}}),
             },
-            "required": ["name", "arguments"],
+            "required": ["name", fmt.key],
             "additionalProperties": False,
         }
         for tool in tools
@@ -132,25 +159,30 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool) -> str:
     schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls}
     lines = [
         "start: TEXT | calls" if text else "start: calls",
-        f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel else "calls: call",
-        f"call: {json.dumps(OPEN)} call_json {json.dumps(CLOSE)}",
+        f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel and fmt.parallel else "calls: call",
+        f"call: {json.dumps(fmt.open)} call_json {json.dumps(fmt.close)}" if fmt.open else "call: call_json",
         f"call_json: %json {json.dumps(schema)}",
     ]
-    if text:
-        lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{OPEN.strip()}.*)/")
+    if text:  # text never holds a call's tag; without tags, it never begins as a call's JSON does
+        lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{fmt.open.strip()}.*)/" if fmt.open else "TEXT: /(?s:.+)/ & ~/(?s:\\s*\\{.*)/")
     return "\n".join(lines) + "\n"
 
 
-def parse_calls(text: str) -> list[tuple[str, Any]] | None:
+def parse_calls(text: str, fmt: ToolFormat = HERMES) -> list[tuple[str, Any]] | None:
     """A whole answer's calls as (name, arguments), or None when it is text."""
-    if not text.startswith(OPEN):
+    if not fmt.open:
+        if not text.startswith("{"):
+            return None
+        call = json.loads(text)
+        return [(call["name"], call[fmt.key])]
+    if not text.startswith(fmt.open):
         return None
     calls = []
-    for block in text.split(CLOSE):
+    for block in text.split(fmt.close):
         block = block.strip("\n")
         if block:
-            call = json.loads(block.removeprefix(OPEN.strip()))
-            calls.append((call["name"], call["arguments"]))
+            call = json.loads(block.removeprefix(fmt.open.strip()))
+            calls.append((call["name"], call[fmt.key]))
     return calls
 
 
@@ -158,21 +190,22 @@ class CallStream:
     """One call's JSON as it streams: the name once it is whole, then the arguments' JSON piece by
     piece (its last character, the call's closing brace, is held back until the end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, arguments: str) -> None:
         self.text = ""
         self.name: str | None = None
         self.sent = 0  # characters of the arguments already sent
+        self.separator = arguments  # between the name and the arguments: ', "arguments": '
 
     def add(self, piece: str) -> list[tuple[str | None, str]]:
         self.text += piece
         out = []
         if self.name is None:
-            head, found, _ = self.text.partition(ARGUMENTS)
+            head, found, _ = self.text.partition(self.separator)
             if not found:
                 return []
             self.name = json.loads(head.removeprefix(CALL_PREFIX))
             out.append((self.name, ""))
-        start = self.text.index(ARGUMENTS) + len(ARGUMENTS)
+        start = self.text.index(self.separator) + len(self.separator)
         arguments = self.text[start:-1]  # the last character may be the call's closing brace
         if len(arguments) > self.sent:
             out.append((None, arguments[self.sent :]))
@@ -183,7 +216,7 @@ class CallStream:
         """The rest: a complete call still holds back its closing brace, a cut one sends what it has."""
         if self.name is None or complete:
             return []
-        rest = self.text[self.text.index(ARGUMENTS) + len(ARGUMENTS) + self.sent :]
+        rest = self.text[self.text.index(self.separator) + len(self.separator) + self.sent :]
         return [(None, rest)] if rest else []
 
 
@@ -192,8 +225,10 @@ class CallSplitter:
     events (call ``k`` of the answer: its name first, then its arguments' JSON in pieces). Text
     that may still become a call's tag is held back until it is known."""
 
-    def __init__(self, text: bool) -> None:
+    def __init__(self, text: bool, fmt: ToolFormat = HERMES) -> None:
         self.mode = "undecided" if text else "calls"
+        self.fmt = fmt
+        self.opening = fmt.open or "{"  # what begins an answer that calls
         self.buffer = ""
         self.calls: list[CallStream] = []
         self.fed = 0  # characters of the current call's block fed to its CallStream
@@ -203,12 +238,17 @@ class CallSplitter:
             return [("text", piece)] if piece else []
         self.buffer += piece
         if self.mode == "undecided":
-            if OPEN.startswith(self.buffer):
+            if self.opening.startswith(self.buffer):
                 return []
-            if not self.buffer.startswith(OPEN):
+            if not self.buffer.startswith(self.opening):
                 self.mode = "text"
                 return [("text", self.buffer)]
             self.mode = "calls"
+        if not self.fmt.open:  # the answer is one call's JSON
+            if not self.calls:
+                self.calls.append(CallStream(self.fmt.arguments))
+            events, self.buffer = self.calls[0].add(self.buffer), ""
+            return [("call", 0, *event) for event in events]
         return self._calls(final=False)
 
     def end(self, complete: bool) -> list[tuple]:
@@ -224,22 +264,25 @@ class CallSplitter:
 
     def _calls(self, final: bool) -> list[tuple]:
         out = []
+        if not self.fmt.open:  # fed as it came (add)
+            return out
+        opening, closing = self.fmt.open, self.fmt.close
         while True:
-            start = self.buffer.find(OPEN)
+            start = self.buffer.find(opening)
             if start < 0:
                 return out
             if not self.calls or self.fed < 0:
-                self.calls.append(CallStream())
+                self.calls.append(CallStream(self.fmt.arguments))
                 self.fed = 0
-            body_start = start + len(OPEN)
-            close = self.buffer.find(CLOSE, body_start)
+            body_start = start + len(opening)
+            close = self.buffer.find(closing, body_start)
             body = self.buffer[body_start : close if close >= 0 else None]
             if close < 0 and not final:
-                body = body[: max(0, len(body) - len(CLOSE))]  # the closing tag may be arriving
+                body = body[: max(0, len(body) - len(closing))]  # the closing tag may be arriving
             k = len(self.calls) - 1
             out += [("call", k, *event) for event in self.calls[-1].add(body[self.fed :])]
             self.fed = len(body)
             if close < 0:
                 return out
-            self.buffer = self.buffer[close + len(CLOSE) :]
+            self.buffer = self.buffer[close + len(closing) :]
             self.fed = -1  # the next tag starts a new call
