@@ -14,6 +14,7 @@ from conftest import running
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from llm_worker.doors import jobs
 from llm_worker.doors.app import create_app
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
@@ -122,6 +123,15 @@ def test_runtime_adapters_are_off_unless_the_operator_allows_them(fp32_worker, f
     with running(create_app(fp32_worker, ServerSettings())) as url:
         response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(folders["a"])})
     assert response.status_code == 403 and "ALLOW_RUNTIME_ADAPTERS=1" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
+def test_a_runpod_job_cannot_load_adapters_and_is_told_what_to_do_instead(served, folders, route):
+    """Each worker of a serverless endpoint is its own process: a load would reach one of them."""
+    body = {"lora_name": "fresh", "lora_path": "a"}
+    error = jobs.complete(served.worker, {"openai_route": route, "openai_input": body})["error"]
+    assert error["param"] == "openai_route" and "ADAPTER_DIR on the endpoint's network volume" in error["message"]
+    assert "fresh" not in served.worker.adapters.known()
 
 
 def test_an_adapter_that_ships_a_chat_template_gets_it_for_chat(served, folders):
