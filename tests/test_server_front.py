@@ -3,13 +3,16 @@
 browsers' CORS preflights with CORS_ORIGINS. (Start-up and SIGTERM: tests/test_server.py, in a
 process of its own.)"""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import job, running
+from conftest import ROOT, free_port, job, running
 
 from llm_worker.doors.app import create_app
 from llm_worker.service import Worker
@@ -160,3 +163,24 @@ def test_without_cors_origins_no_cors_headers_are_sent(narrow):
         assert preflight.status_code == 405 and not any(name.startswith("access-control-") for name in preflight.headers)
         answered = httpx.get(f"{url}/v1/models", headers={"Origin": ORIGIN})
         assert answered.status_code == 200 and "access-control-allow-origin" not in answered.headers
+
+
+def test_listening_on_every_interface_without_a_key_is_warned_about_at_once(tmp_path):
+    """The warning comes before the heavy imports, and the port answers ``loading`` meanwhile."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "API_KEY"}
+    log_file = tmp_path / "server.log"
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llm_worker.doors.server", "--host", "0.0.0.0", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "without API_KEY" not in log_file.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log_file.read_text()[-2000:]
+            time.sleep(0.05)
+        assert "WARNING llm_worker.doors.server: Listening on 0.0.0.0 without API_KEY: anyone who reaches this port" in log_file.read_text()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
