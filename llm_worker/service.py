@@ -87,6 +87,7 @@ class Worker:
             prefix_caching=settings.enable_prefix_cache,
             attention_backend="gather" if settings.attention_backend == "auto" else settings.attention_backend,
             lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
+            decode_compile="off" if settings.decode_compile == "auto" else settings.decode_compile, compile_cache_dir=str(settings.model_cache_dir / "torch_compile"),
         )
         return Engine(loaded.model, loaded.tokenizer, config, dtype=loaded.dtype, adapters=self.adapters)
 

@@ -105,6 +105,12 @@ class Settings(Environment):
         description="Rows of different LoRA adapters in one step: peft (its loop over the adapters), triton (one "
         "batched product per layer, plain LoRA only, CUDA only; not yet proven on a GPU), auto: peft.",
     )
+    decode_compile: Literal["auto", "off", "inductor"] = Field(
+        "auto",
+        description="Decoding steps compiled by torch.compile before their CUDA graphs are captured: inductor (norms, "
+        "rotary, SiLU and residual adds fused; compiled code cached under MODEL_CACHE_DIR/torch_compile; CUDA only; "
+        "not yet proven on a GPU), off: the model's own modules, auto: off.",
+    )
     enable_prefix_cache: bool = Field(
         True, description="Reuse the keys and values of prompt blocks already computed (a shared preamble or system prompt)."
     )

@@ -226,3 +226,34 @@ def test_a_captured_step_splits_off_one_long_row_and_keeps_every_rows_logits(tin
         replayed = static.run(step, [None] * 3)
     assert set(static.graphs) == {("__base__", 2, 1), ("__base__", 1, 16)}
     torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_decoding_step_is_one_whole_graph_and_answers_as_the_eager_one(tiny):
+    """DECODE_COMPILE: ``forward_step`` traced by torch.compile whole (``fullgraph``: any graph
+    break raises), once for the buckets of more than one row and block (torch specialises sizes
+    of 1), and its logits are the eager step's through prefill-then-decode over several buckets.
+    On the CPU the backend is aot_eager (the traced graph, run by PyTorch's own kernels); inductor's
+    code for CUDA is the device's to prove."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pool = fresh_pool(tiny, blocks=64)
+    plain = StepRunner(tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False)
+    compiled = StepRunner(
+        tiny, pool, torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False, static_shapes=True, compile_backend="aot_eager"
+    )
+    lengths = [5, 21, 40, 70, 9]
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in lengths]
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(lengths))]
+    prefilled(plain, prompts, tables)
+    shapes = set()
+    with torch.inference_mode():
+        for rows in ([0, 1, 2], [0, 1, 2, 3, 4], [1, 3], [2]):  # 4, 8, 2 and 1 rows; 1 to 8 blocks
+            step = decode_step(
+                [tables[i][: blocks_for(lengths[i] + 1)] for i in rows], [lengths[i] for i in rows], [7 + i for i in rows]
+            )
+            expected = plain.run(step, [None] * len(rows)).clone()
+            got = compiled.run(step, [None] * len(rows))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            shapes |= set(compiled.graphs)
+    assert compiled.step is not forward_step and len(shapes) >= 4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3, dict(torch._dynamo.utils.counters["stats"])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llm_worker.engine.forward import StepInputs, forward_step
+from llm_worker.engine.forward import StepInputs
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK
 
 if TYPE_CHECKING:
@@ -57,19 +57,20 @@ class CapturedStep:
         args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
         kwargs = {**kwargs, "windows": runner.windows}
         self.graph = None
+        step = runner.step  # forward_step, or compiled (DECODE_COMPILE)
         if not runner.use_graphs:
-            self._eager = lambda: forward_step(*args, **kwargs)
+            self._eager = lambda: step(*args, **kwargs)
             self._context = context
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with context(), torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires
-                forward_step(*args, **kwargs)
+            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires (and compilation)
+                step(*args, **kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.logits = forward_step(*args, **kwargs)
+            self.logits = step(*args, **kwargs)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         count = len(inputs.input_ids)

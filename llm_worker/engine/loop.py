@@ -68,10 +68,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         adapters: AdapterManager | None = None,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config
-        self.adapters = adapters
+        self.model, self.tokenizer, self.config, self.adapters = model, tokenizer, config, adapters
         self.device = next(model.parameters()).device
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -94,6 +91,7 @@ class Engine:
         self.runner = StepRunner(
             model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs,
             attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
+            compile_backend=None if config.decode_compile == "off" else config.decode_compile, compile_cache=config.compile_cache_dir,
         )
         self.runner.capture_at_start()
         log.info(

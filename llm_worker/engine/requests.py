@@ -103,6 +103,8 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV of prompt blocks already computed
     attention_backend: str = "gather"  # gather: the pool's blocks copied out for the model's own kernel; triton: paged kernel
     lora_backend: str = "peft"  # rows of mixed adapters: peft (its loop over adapters), triton (one batched product)
+    decode_compile: str = "off"  # off, or the torch.compile backend of the decoding steps (inductor; aot_eager in tests)
+    compile_cache_dir: str | None = None  # where compiled code is kept between starts (inductor's and Triton's caches)
 
 
 @dataclass(frozen=True)

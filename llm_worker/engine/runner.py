@@ -3,6 +3,8 @@
 
 On CUDA a decoding step replays a graph captured for its (adapter, rows, context) bucket, the
 first time that bucket is used (the smallest contexts at start), logged with its capture time.
+With ``DECODE_COMPILE=inductor`` what each graph records is the step compiled by ``torch.compile``
+(``compiled_step``: one compilation for every bucket, its code cached on disk).
 Prefill chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into
 segments of similar length. On the CPU every step runs eagerly, unpadded.
 """
@@ -10,8 +12,10 @@ segments of similar length. On the CPU every step runs eagerly, unpadded.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -53,6 +57,8 @@ class StepRunner:
         static_shapes: bool | None = None,
         attention_kernel: bool = False,
         lora_kernel: bool = False,
+        compile_backend: str | None = None,
+        compile_cache: str | None = None,
     ) -> None:
         use_pool_attention(model)
         self.model = model
@@ -70,6 +76,10 @@ class StepRunner:
         self._probe()
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.static_shapes = self.use_graphs if static_shapes is None else static_shapes
+        self.compile_backend = compile_backend if self.static_shapes else None
+        if compile_backend and not self.static_shapes:
+            log.warning("DECODE_COMPILE=%s does nothing here: decoding steps are compiled for CUDA graphs only", compile_backend)
+        self.step = compiled_step(compile_backend, compile_cache) if self.compile_backend else forward_step
         self.rows_sizes = row_buckets(max_rows)
         self.block_sizes = block_buckets(max_blocks)
         self.graphs: dict[tuple, CapturedStep | None] = {}  # None: capture failed, run eagerly
@@ -126,7 +136,8 @@ class StepRunner:
             for blocks in [b for b in self.block_sizes if b <= GRAPH_CONTEXT_BLOCKS_AT_START]:
                 for rows in reversed(self.rows_sizes):  # largest first, so smaller ones reuse its memory
                     self._graph(key, rows, blocks, context, kwargs)
-        log.info("Captured %d CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+        compiled = f" (compiled by torch.compile, {self.compile_backend}, cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
+        log.info("Captured %d CUDA graphs in %.1f s%s", len(self.graphs), time.perf_counter() - started, compiled if self.compile_backend else "")
 
     def _graph(self, key, rows: int, blocks: int, context, kwargs) -> CapturedStep | None:
         index = (key, rows, blocks)
@@ -200,6 +211,18 @@ class StepRunner:
             return logits
         index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
         return torch.empty_like(logits).index_copy_(0, index, logits)
+
+
+def compiled_step(backend: str, cache: str | None):
+    """``forward_step`` compiled by ``torch.compile`` for decoding steps: rows and context blocks
+    symbolic, so that one compilation serves every bucket (1-sized ones aside, which torch
+    specialises), and whole (``fullgraph``: a graph break would be a host round trip inside a
+    CUDA graph). Inductor's and Triton's compiled code is kept under ``cache`` (MODEL_CACHE_DIR,
+    which a network volume keeps), unless their own variables say otherwise."""
+    if cache:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache) / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache) / "triton"))
+    return torch.compile(forward_step, backend=backend, dynamic=True, fullgraph=True)
 
 
 def batched_lora_of(model):
