@@ -68,8 +68,7 @@ def test_chat_answer_and_its_stream_parse_and_agree(served):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason == "stop"
     streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
-    assert streamed == choice.logprobs.content and "".join(item.token for item in streamed) == choice.message.content
-    assert len(streamed) == whole.usage.completion_tokens - 1  # the end token is counted, and is not the content's
+    assert streamed == choice.logprobs.content and len(streamed) == whole.usage.completion_tokens
     assert chunks[-1].choices == [] and uncached(chunks[-1].usage.model_dump()) == uncached(whole.usage.model_dump())
     assert all(c.usage is None for c in chunks[:-1])
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].model == whole.model == served.loaded.name
@@ -101,20 +100,23 @@ def test_completions_for_two_prompts_parse_and_their_stream_agrees(served):
     assert chat(served, max_tokens=16, temperature=0)["choices"][0]["message"]["content"][0] != " "  # chat: stripped
 
 
-def test_completion_logprobs_are_the_texts_tokens_when_an_end_token_or_a_stop_string_ends_it(served):
-    """As OpenAI's chat logprobs: the tokens join to the text. The end token (``<|im_end|>``) and
-    tokens past a stop string are counted in ``usage``, and have no logprobs."""
+def test_completion_logprobs_are_every_generated_token_the_end_token_included(served):
+    """vLLM's shape, and what lm-evaluation-harness's echo scoring reads (one entry per generated
+    token after the prompt's): the tokens join to the text, then the token that ended it, which
+    the text leaves out (the end token ``<|im_end|>``, or the token that completed a stop string)."""
+    eos = served.loaded.tokenizer.eos_token
     prompt = served.loaded.tokenizer.apply_chat_template([{"role": "user", "content": FRANCE}], tokenize=False, add_generation_prompt=True)
-    cases = [({"prompt": prompt, "max_tokens": 32}, 1), ({"prompt": "The capital of France is", "max_tokens": 8, "stop": ["."]}, 1)]
-    for body, unseen in cases:
+    cases = [({"prompt": prompt, "max_tokens": 32}, [eos]), ({"prompt": "The capital of France is", "max_tokens": 8, "stop": ["."]}, ["."])]
+    for body, ending in cases:
         body = {**body, "temperature": 0, "logprobs": 1}
         whole = call(served, COMPLETIONS, **body)
         (choice,) = whole["choices"]
+        tokens = choice["logprobs"]["tokens"]
         assert choice["finish_reason"] == "stop" and "Paris" in choice["text"]
-        assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
-        assert len(choice["logprobs"]["tokens"]) == whole["usage"]["completion_tokens"] - unseen
+        assert "".join(tokens[: -len(ending)]) == choice["text"] and tokens[-len(ending) :] == ending
+        assert len(tokens) == len(choice["logprobs"]["token_logprobs"]) == whole["usage"]["completion_tokens"]
         streamed = [c["choices"][0]["logprobs"] for c in events(call(served, COMPLETIONS, stream=True, **body)) if c["choices"][0]["logprobs"]]
-        assert sum((part["tokens"] for part in streamed), []) == choice["logprobs"]["tokens"]
+        assert sum((part["tokens"] for part in streamed), []) == tokens
 
 
 def test_models_are_the_base_model_and_every_adapter(served):
@@ -146,8 +148,7 @@ def test_native_n_and_logprobs_stream_folds_to_the_whole_result(served):
     assert {c["index"] for c in chunks if "delta" in c} == {0, 1} and "usage" in chunks[-1]
     assert uncached(asyncio.run(collect(_replay(chunks)))) == uncached(whole)
     assert set(whole) == {"choices", "usage", "model", "adapter"} and len(whole["choices"]) == 2
-    ended = sum(answer["finish_reason"] == "eos" for answer in whole["choices"])  # an end token has no place in the text
-    assert sum(len(answer["logprobs"]) for answer in whole["choices"]) == whole["usage"]["completion_tokens"] - ended
+    assert sum(len(answer["logprobs"]) for answer in whole["choices"]) == whole["usage"]["completion_tokens"]
     plain = served.complete(job(FRANCE, max_new_tokens=12))
     assert set(plain) == {"output", "finish_reason", "usage", "model", "adapter"}  # n = 1 without logprobs: as before
 

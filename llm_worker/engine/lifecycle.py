@@ -63,7 +63,6 @@ class Lifecycle:
                 self.send(seq, self._delta(seq, delta))
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        del seq.logprobs[seq.text.tokens_in_text() :]  # an end token, or tokens past a stop string, are not the answer's
         rest = seq.text.delta(final=True)
         self.release(seq, reason)
         if rest:

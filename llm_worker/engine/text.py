@@ -43,7 +43,6 @@ class AnswerText:
         self.stops = stops
         self.longest_stop = max((len(s) for s in stops), default=0)
         self.tokens: list[int] = []
-        self.starts: list[int] = []  # where each token's text begins in ``text``
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
@@ -54,7 +53,6 @@ class AnswerText:
     def add(self, token: int) -> None:
         """Take one token; sets ``stopped`` (and cuts the text) when a stop string appears."""
         self.tokens.append(token)
-        self.starts.append(len(self.text))
         piece = self._stream.step(self.tokenizer._tokenizer, token) if self._stream is not None else self._window()
         if not piece:
             return  # nothing new yet, or an incomplete multi-byte character: wait for the rest
@@ -66,11 +64,6 @@ class AnswerText:
             if found and (self.may_stop is None or self.may_stop(self.text[: min(found)])):
                 self.text = self.text[: min(found)]
                 self.stopped = True
-
-    def tokens_in_text(self) -> int:
-        """How many of the tokens taken have text before the cut (a stop string's start): the answer's
-        tokens. An end-of-sequence or stop token is never taken."""
-        return sum(1 for start in self.starts if start < len(self.text)) if self.stopped else len(self.tokens)
 
     def _window(self) -> str:
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
