@@ -6,6 +6,7 @@ raises ``SettingsError``, one line per variable: its name, the value given and w
 
 from __future__ import annotations
 
+import hmac
 import re
 from functools import cached_property
 from pathlib import Path
@@ -206,6 +207,14 @@ class ServerSettings(Environment):
     @property
     def cors_origin_list(self) -> list[str]:
         return origins(self.cors_origins)
+
+    def authorizes(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """A request's raw headers carry ``Authorization: Bearer <API_KEY>`` (always, without a key),
+        compared in constant time."""
+        if self.api_key is None:
+            return True
+        scheme, _, given = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.api_key.get_secret_value().encode())
 
 
 def origins(value: str | None) -> list[str]:

@@ -11,25 +11,15 @@ import jsonschema
 import openai
 import pytest
 from conftest import running
+from test_tool_calls import CLOCK, TOOLS, WEATHER
 from transformers import AutoTokenizer
 
 from llm_worker.doors.app import create_app
 from llm_worker.openai.errors import OpenAIError
-from llm_worker.openai.requests import Tool
 from llm_worker.openai.tool_calls import LLAMA3_JSON, CallSplitter, call_grammar, parse_calls, tool_format
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
-TOOLS = [Tool.model_validate(WEATHER), Tool.model_validate(CLOCK)]
 # Written for this test in the way Llama 3.1's template writes tools and calls (SmolLM2's turn
 # markers, so that the embedded model reads it): the functions and the JSON format in a system
 # turn, an earlier call as {"name", "parameters"}, a result as an "ipython" turn.

@@ -157,12 +157,12 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     async def completions(request: Request) -> Response:
         return await openai_route(request, openai.COMPLETIONS)
 
-    @app.post("/v1/load_lora_adapter")
-    @app.post("/v1/unload_lora_adapter")
+    @app.post(openai.LOAD_ADAPTER)
+    @app.post(openai.UNLOAD_ADAPTER)
     async def runtime_adapter(request: Request) -> PlainTextResponse:
         """vLLM's routes: ``{"lora_name", "lora_path"}`` loads, ``{"lora_name"}`` unloads (ALLOW_RUNTIME_ADAPTERS)."""
         worker, route = door.ready(), request.url.path
-        loading = route == "/v1/load_lora_adapter"
+        loading = route == openai.LOAD_ADAPTER
         body = adapter_body(LoadAdapter if loading else UnloadAdapter, await read_json(request, worker.limits.max_input_bytes))
         try:
             if loading:

@@ -6,7 +6,6 @@ and reading a request's JSON body within its size limit."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -19,14 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_worker import openai
 from llm_worker.doors.metrics import Metrics
+from llm_worker.doors.server import LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
 from llm_worker.openai import OpenAIError
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings
 
 log = logging.getLogger("llm_worker.doors.server")
 
-OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # errors in OpenAI's shape (vLLM's, for the last three)
-PUBLIC_PATHS = ("/", "/health")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
@@ -90,7 +88,7 @@ class Door:
         if self.draining:
             return "the server is shutting down; retry on another instance"
         if self.worker is None:
-            return "the model is loading; retry shortly (GET /health answers 200 once it is loaded)"
+            return LOADING
         return self.worker.load_error
 
     def ready(self) -> Worker:
@@ -109,14 +107,6 @@ class Door:
             refusal = openai.OpenAIError(message, type="server_overloaded", code="too_many_waiting_requests", status=OVERLOADED)
             raise Failure(OVERLOADED, message, openai=refusal, headers={"Retry-After": "1"})
         return worker
-
-    def authorized(self, headers: dict[str, str]) -> bool:
-        """``Authorization: Bearer <API_KEY>`` when the key is set, compared in constant time."""
-        key = self.config.api_key
-        if key is None:
-            return True
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode())
 
     def idle(self) -> bool:
         return self.in_flight == 0
@@ -242,13 +232,10 @@ class Gate:
         public = path in PUBLIC_PATHS
         self.door.in_flight += not public
         try:
-            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-            if public or self.door.authorized(headers):
+            if public or self.door.config.authorizes(scope["headers"]):
                 await self.app(scope, receive, sending)
             else:
-                message = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
-                failure = Failure(401, message)
-                await JSONResponse(failure.body(path), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, sending)
+                await JSONResponse(Failure(401, UNAUTHORIZED).body(path), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, sending)
         finally:
             self.door.in_flight -= not public
             if not streamed:

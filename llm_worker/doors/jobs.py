@@ -27,9 +27,6 @@ def complete(worker: Worker, raw: Any, job_id: str | None = None) -> dict[str, A
     return blocking(lambda: collect(handle(worker, raw, job_id)))
 
 
-RUNTIME_ADAPTER_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # the HTTP server's (ALLOW_RUNTIME_ADAPTERS)
-
-
 async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
     """A gateway job's outputs: the response object, or the stream's SSE lines; errors in
     OpenAI's error shape (an error after a stream began is one more ``data:`` line)."""
@@ -40,7 +37,7 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
         if route in openai.PLAIN_ROUTES:
             yield openai.plain_answer(worker, route, job.get("openai_input"))
             return
-        if route in RUNTIME_ADAPTER_ROUTES:
+        if route in (openai.LOAD_ADAPTER, openai.UNLOAD_ADAPTER):
             raise openai.OpenAIError(
                 f"openai_route: {route} is not served to jobs: each worker of a serverless endpoint is a process of its own, "
                 "so a load would reach one worker, and the next job may land on another. Put the adapter folder into "

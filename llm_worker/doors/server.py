@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -38,7 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_worker.doors.server")
 
+# What the door says, shared with its routes (``http.py``), which import the web framework this module must not
 LOADING = "the model is loading; retry shortly (GET /health answers 200 once it is loaded)"
+UNAUTHORIZED = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # errors in OpenAI's shape (vLLM's, for the last three)
+PUBLIC_PATHS = ("/", "/health")
 
 
 def build(config: ServerSettings):
@@ -82,23 +85,13 @@ class Starting:
             return 200, "Alive"
         if path == "/health":
             return 503, {"status": "failed" if self.failure else "loading", "error": reason}
-        openai_shaped = path.startswith(("/v1/", "/tokenize", "/detokenize", "/tokenizer_info"))
-        if not self._authorized(scope):
-            message = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
-            status, kind, code = 401, "invalid_request_error", "invalid_api_key"
+        if not self.config.authorizes(scope["headers"]):
+            message, status, kind, code = UNAUTHORIZED, 401, "invalid_request_error", "invalid_api_key"
         else:
             message, status, kind, code = reason, 503, "server_error", "worker_unavailable"
-        if openai_shaped:
+        if path.startswith(OPENAI_PATHS):
             return status, {"error": {"message": message, "type": kind, "param": None, "code": code}}
         return status, {"error": message}
-
-    def _authorized(self, scope: dict) -> bool:
-        key = self.config.api_key
-        if key is None:
-            return True
-        sent = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, given = sent.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode())
 
     async def _lifespan(self, receive, send) -> None:
         await receive()  # lifespan.startup

@@ -16,7 +16,7 @@ last, as runpod-workers/worker-vllm yields them (its default ``RAW_OPENAI_OUTPUT
 - ``api.py``: the entry points the doors call.
 """
 
-from llm_worker.openai.api import PLAIN_ROUTES, open_request, plain_answer
+from llm_worker.openai.api import LOAD_ADAPTER, PLAIN_ROUTES, UNLOAD_ADAPTER, open_request, plain_answer
 from llm_worker.openai.errors import OpenAIError, server_error, unavailable
 from llm_worker.openai.requests import CHAT, COMPLETIONS, MODELS
 from llm_worker.openai.responses import Response, models, sse
@@ -27,6 +27,7 @@ __all__ = [
     "CHAT",
     "COMPLETIONS",
     "DETOKENIZE",
+    "LOAD_ADAPTER",
     "MODELS",
     "OpenAIError",
     "PLAIN_ROUTES",
@@ -34,6 +35,7 @@ __all__ = [
     "Response",
     "TOKENIZE",
     "TOKENIZER_INFO",
+    "UNLOAD_ADAPTER",
     "models",
     "open_request",
     "plain_answer",

@@ -37,6 +37,9 @@ def open_request(worker: Worker, route: str, body: Any, job_id: str | None = Non
     return Response(worker, route, prepared, response_id)
 
 
+# vLLM's routes for adapters while running: the HTTP server's (ALLOW_RUNTIME_ADAPTERS), refused to RunPod jobs.
+LOAD_ADAPTER, UNLOAD_ADAPTER = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+
 # Routes answered at once, without the engine: GET ones take no body.
 PLAIN_ROUTES = {
     MODELS: lambda worker, body: models(worker),
