@@ -22,6 +22,7 @@ from conftest import ROOT, doc_blocks, free_port, job, running, seed_tasks, stri
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from llm_worker.doors import server as entry
 from llm_worker.doors.app import create_app
 from llm_worker.settings import ServerSettings
 
@@ -335,8 +336,9 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
     """``python -m llm_worker.doors.server`` with the default grace: the port answers (``loading``,
     and 401 without the key) before the model is loaded; on SIGTERM with requests in flight,
     /health says ``shutting_down`` while the port stays open, a new request gets 503, each running
-    request gets its answer or an error, and the process exits 0 within the grace + 2 s (under
-    docker stop's 10 s). Nothing it logged (at DEBUG) holds the API key."""
+    request gets its answer or an error, and the process exits 0 within the deadlines the server
+    sets itself after the grace (no wall-clock figure of this machine's). Nothing it logged (at
+    DEBUG) holds the API key."""
     port = free_port()
     log_file = tmp_path / "server.log"
     env = {**os.environ, "DTYPE": "float32", "API_KEY": KEY, "LOG_LEVEL": "DEBUG"}
@@ -421,7 +423,10 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
     assert process.wait(timeout=60) == 0
     exited = time.monotonic()
     prober.join(timeout=10)
-    assert exited - signalled < grace + 2, f"exited {exited - signalled:.1f} s after SIGTERM"
+    # the port closes by grace + OVERDUE_SECONDS, its connections get CLOSE_SECONDS, and 1 s more for a
+    # last engine step and the exit (measured here: 0.4 s after the grace in all)
+    limit = grace + entry.OVERDUE_SECONDS + entry.CLOSE_SECONDS + 1
+    assert exited - signalled < limit, f"exited {exited - signalled:.1f} s after SIGTERM"
     said = [state for _, state in probes]
     first_refused = said.index("refused") if "refused" in said else len(said)
     assert set(said[:first_refused]) == {"shutting_down"} and set(said[first_refused:]) <= {"refused"}, said

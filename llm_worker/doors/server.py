@@ -42,6 +42,10 @@ LOADING = "the model is loading; retry shortly (GET /health answers 200 once it 
 UNAUTHORIZED = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
 OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # errors in OpenAI's shape (vLLM's, for the last three)
 PUBLIC_PATHS = ("/", "/health")
+# After SIGTERM: the port closes at the latest this long after the grace (a request that ignores the engine's
+# end), and the connections left then get this long to close.
+OVERDUE_SECONDS = 1.0
+CLOSE_SECONDS = 2
 
 
 def build(config: ServerSettings):
@@ -138,7 +142,7 @@ class Server(uvicorn.Server):
         door = self.starting.door
         if self.stopping_since is not None and door is not None:
             door.drain()  # once: it starts the grace's timer
-            overdue = time.monotonic() - self.stopping_since > door.grace + 1  # a request that ignores the engine's end
+            overdue = time.monotonic() - self.stopping_since > door.grace + OVERDUE_SECONDS
             if door.idle() or overdue:
                 self.should_exit = True
         return await super().on_tick(counter)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         lifespan="on",
         log_config=None,  # ours (configure_logging): one format for every line
-        timeout_graceful_shutdown=2,  # the drain happened before: this only closes idle connections
+        timeout_graceful_shutdown=CLOSE_SECONDS,  # the drain happened before: this only closes idle connections
         timeout_keep_alive=5,
     )
     server = Server(server_config, starting)
