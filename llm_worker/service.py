@@ -63,33 +63,19 @@ class Worker:
             max_stop_chars=settings.max_stop_chars,
         )
         self.engine = None
+        self.ready_seconds: float | None = None  # from Worker.start to ready to answer
         self.watchers: list[Callable[[RequestRecord], None]] = []  # told how each engine request went
         if loaded is not None:
             self.context_length = _context_length(loaded)
             try:
-                self.engine = self._start_engine(loaded)
+                self.engine = Engine(
+                    loaded.model, loaded.tokenizer, engine_config(settings, self.context_length), dtype=loaded.dtype, adapters=adapters
+                )
                 self.grammars = Grammars(loaded.tokenizer, self.engine.vocab, self.engine.eos_ids)
                 self.grammars.warm_up()
             except Exception as err:
                 log.exception("the engine failed to start")
                 self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"
-
-    def _start_engine(self, loaded: LoadedModel) -> Engine:
-        settings = self.settings
-        config = EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            max_job_seconds=settings.max_job_seconds,
-            max_seq_len=min(self.context_length, settings.max_input_tokens + settings.max_new_tokens_limit),
-            kv_cache_tokens=settings.kv_cache_tokens,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            cuda_graphs=settings.cuda_graphs,
-            prefix_caching=settings.enable_prefix_cache,
-            attention_backend="gather" if settings.attention_backend == "auto" else settings.attention_backend,
-            lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
-            decode_compile="off" if settings.decode_compile == "auto" else settings.decode_compile, compile_cache_dir=str(settings.model_cache_dir / "torch_compile"),
-        )
-        return Engine(loaded.model, loaded.tokenizer, config, dtype=loaded.dtype, adapters=self.adapters)
 
     @classmethod
     def start(cls, settings: Settings | None = None) -> Worker:
@@ -103,6 +89,7 @@ class Worker:
                 log.error("Invalid setting: %s", problem)
             return cls(Settings.model_construct(), None, load_error=f"invalid configuration: {err}")
         log_settings(settings)
+        started = time.perf_counter()
         try:
             loaded = load_model(settings)
             default = adapter_name(settings.lora_weights) if settings.lora_weights else None
@@ -116,7 +103,12 @@ class Worker:
             log.exception("The model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
-        return cls(settings, loaded, adapters)
+        worker = cls(settings, loaded, adapters)
+        worker.ready_seconds = time.perf_counter() - started
+        if worker.engine is not None:
+            log.info("Ready in %.1f s (model %.1f s, engine and grammars %.1f s)",
+                     worker.ready_seconds, loaded.load_seconds, worker.ready_seconds - loaded.load_seconds)
+        return worker
 
     def close(self) -> None:
         if self.engine is not None:
@@ -292,6 +284,23 @@ class Worker:
                 yield chunk
         except EngineError as err:
             yield {"error": str(err)}
+
+
+def engine_config(settings: Settings, context_length: int) -> EngineConfig:
+    """The engine's configuration from the worker's settings."""
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_job_seconds=settings.max_job_seconds,
+        max_seq_len=min(context_length, settings.max_input_tokens + settings.max_new_tokens_limit),
+        kv_cache_tokens=settings.kv_cache_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        cuda_graphs=settings.cuda_graphs,
+        prefix_caching=settings.enable_prefix_cache,
+        attention_backend="gather" if settings.attention_backend == "auto" else settings.attention_backend,
+        lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
+        decode_compile="off" if settings.decode_compile == "auto" else settings.decode_compile, compile_cache_dir=str(settings.model_cache_dir / "torch_compile"),
+    )
 
 
 def log_job(requests: Sequence[GenerationRequest], ends: Sequence[Completion | Failed | None], seconds: float, merged: str | None) -> None:

@@ -5,6 +5,7 @@ RunPod job id, and a refused job is reported to RunPod as failed."""
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,12 @@ def test_each_job_has_one_line_with_its_runpod_id_tokens_and_speed(default_sessi
         assert line.endswith(" tokens/s") and any(reason in line for reason in ("done: eos,", "done: stop,", "done: length,"))
     (refused,) = [line for line in logged.splitlines() if "Job job-refused refused: " in line]
     assert "did you mean prompt_config.instruction?" in refused
+
+
+def test_the_start_log_says_how_long_each_part_of_the_start_took(default_session):
+    _, logged = default_session
+    assert re.search(r"INFO llm_worker\.engine\.loop: Engine ready in [\d.]+ s \(KV pool [\d.]+ s, probe step [\d.]+ s\)", logged), logged[:3000]
+    assert re.search(r"INFO llm_worker\.service: Ready in [\d.]+ s \(model [\d.]+ s, engine and grammars [\d.]+ s\)", logged)
 
 
 def test_a_refused_job_is_reported_to_runpod_as_failed(default_session):

@@ -176,6 +176,32 @@ def test_greedy_answers_with_the_kernel_equal_the_gathered_path(family, tokenize
     assert "paged Triton kernel on every layer (ATTENTION_BACKEND=triton)" in caplog.text
 
 
+def test_decoding_in_graph_shapes_through_the_kernel_uses_coarse_contexts_and_one_replay(tokenizer):
+    """CUDA graphs' fixed shapes (run eagerly here): with every layer in the kernel, a row reads its
+    own length whatever the table's width, so one context bucket serves these short answers, and
+    the answers are the gathered path's."""
+    torch.manual_seed(0)
+    model = scaled(MODELS["llama"](len(tokenizer)))
+    prompts = [tokenizer(text)["input_ids"] for text in ("Hello there", "1 2 3 4 5 6 7 8 9 10 11 12 13 14")]
+    config = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+
+    def engine(backend, **fixed):
+        return Engine(model, tokenizer, EngineConfig(max_seq_len=64, kv_cache_tokens=512, cuda_graphs=False, attention_backend=backend, **fixed))
+
+    gathered = engine("gather")
+    try:
+        expected = [gathered.generate(GenerationRequest(ids, config)).token_ids for ids in prompts]
+    finally:
+        gathered.close()
+    kernel = engine("triton", static_shapes=True)
+    try:
+        assert kernel.runner.block_sizes == [4]  # 64 tokens: the gathered path's buckets are 1, 2, 4 blocks
+        assert answers(kernel, prompts, config) == expected
+        assert {blocks for _, _, blocks in kernel.runner.graphs} == {4}
+    finally:
+        kernel.close()
+
+
 def test_without_cuda_or_the_interpreter_the_kernel_is_refused_naming_the_setting(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="ATTENTION_BACKEND=triton runs on CUDA"):

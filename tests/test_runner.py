@@ -1,10 +1,17 @@
 """The step runner's forward pass over the paged KV pool: exact, and free of host synchronisation."""
 
 import functools
+import logging
+import queue
+import re
+import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llm_worker.engine import Completion, Engine, EngineConfig, Failed, GenerationRequest
+from llm_worker.schema import GenerationConfig
 
 from llm_worker.engine.masks import LayerWindows
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for
@@ -31,6 +38,27 @@ def tiny():
         vocab_size=256, max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_model(tokenizer):
+    """A two-layer LLaMA over the embedded tokenizer's vocabulary, random weights scaled up so that
+    greedy answers differ from prompt to prompt."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(4)
+    return model
 
 
 def fresh_pool(model, blocks=32):
@@ -123,6 +151,72 @@ def test_graph_buckets_cover_every_batch_and_context():
     assert row_buckets(5) == [1, 2, 4, 5]
     assert block_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert block_buckets(100)[-1] == 100
+    assert block_buckets(256, 16, 4) == [16, 64, 256]  # the paged kernel's coarse contexts
+    assert block_buckets(8, 16, 4) == [8]
+
+
+def test_start_captures_the_first_answers_graphs_and_the_rest_one_at_a_time_largest_first(tiny):
+    """At start only one-row graphs for short contexts (what a first answer walks through); the
+    other planned ones (every batch size, contexts up to 256 tokens) one per ``capture_pending``,
+    largest first; a graph first used in between is not captured twice."""
+    runner = StepRunner(tiny, fresh_pool(tiny, 64), torch.device("cpu"), max_rows=8, max_blocks=32, cuda_graphs=False, static_shapes=True)
+    runner.capture_at_start()
+    assert set(runner.graphs) == {("__base__", 1, blocks) for blocks in (1, 2, 4, 8, 16)}
+    planned = {(rows, blocks) for rows in (2, 4, 8) for blocks in (1, 2, 4, 8, 16)}
+    assert set(runner.pending) == planned and runner.pending[0] == (8, 16) and runner.pending[-1] == (2, 1)
+    runner.capture_pending()
+    assert ("__base__", 8, 16) in runner.graphs and len(runner.pending) == len(planned) - 1
+    with torch.inference_mode():  # 3 rows of 1 to 3 blocks: the (4, 4) graph, captured on first use
+        runner.run(StepInputs([[1], [2], [3]], [[0], [20], [40]], [16, 36, 56], [[1], [2, 3], [4, 5, 6]]), [None] * 3)
+    assert ("__base__", 4, 4) in runner.graphs
+    calls = 0
+    while runner.pending:
+        runner.capture_pending()
+        calls += 1
+    assert calls == len(planned) - 2  # (4, 4) was skipped, not captured again
+    assert set(runner.graphs) == {("__base__", rows, blocks) for rows in (1, 2, 4, 8) for blocks in (1, 2, 4, 8, 16)}
+    runner.set_model(tiny)  # an adapter loaded: every graph is planned again
+    assert not runner.graphs and len(runner.pending) == len(planned) + 5
+
+
+def test_an_idle_engine_captures_its_planned_graphs_and_answers_as_without_them(tiny_engine_model, tokenizer, caplog):
+    """The engine thread captures the planned graphs while it has nothing to run (the CUDA-graph
+    shapes, run eagerly on the CPU), logs each part of its start, and answers as an engine without
+    fixed shapes."""
+    prompts = [tokenizer(text)["input_ids"] for text in ("Hello there", "The capital of France is", "1 2 3 4 5 6 7 8 9")]
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+
+    def engine(**fixed):
+        return Engine(tiny_engine_model, tokenizer, EngineConfig(max_seq_len=128, kv_cache_tokens=1024, max_batch_size=8, cuda_graphs=False, **fixed))
+
+    plain = engine()
+    try:
+        expected = [plain.generate(GenerationRequest(ids, config)).token_ids for ids in prompts]
+    finally:
+        plain.close()
+    with caplog.at_level(logging.INFO, logger="llm_worker.engine"):
+        fixed = engine(static_shapes=True)
+        try:
+            for _ in range(600):
+                if not fixed.runner.pending:
+                    break
+                time.sleep(0.1)
+            assert set(fixed.runner.graphs) == {("__base__", rows, blocks) for rows in (1, 2, 4, 8) for blocks in (1, 2, 4, 8)}
+            events = queue.Queue()
+            for i, ids in enumerate(prompts):  # together: 3 rows replay the 4-row shapes
+                fixed.submit(GenerationRequest(ids, config), lambda event, i=i: events.put((i, event)))
+            done = {}
+            while len(done) < len(prompts):
+                i, event = events.get(timeout=600)
+                assert not isinstance(event, Failed), event.error
+                if isinstance(event, Completion):
+                    done[i] = event.token_ids
+        finally:
+            fixed.close()
+    assert [done[i] for i in range(len(prompts))] == expected
+    assert "Captured 4 CUDA graphs for the first answers" in caplog.text and "12 more" in caplog.text
+    assert "Captured every planned CUDA graph: 16" in caplog.text
+    assert re.search(r"Engine ready in [\d.]+ s \(KV pool [\d.]+ s, probe step [\d.]+ s, first graphs [\d.]+ s\)", caplog.text)
 
 
 def test_bucketed_static_steps_give_the_logits_of_unpadded_steps(tiny):

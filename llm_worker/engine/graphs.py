@@ -31,11 +31,12 @@ def row_buckets(max_rows: int) -> list[int]:
     return sorted({s for s in sizes if s < max_rows} | {max_rows})
 
 
-def block_buckets(max_blocks: int) -> list[int]:
-    sizes, size = [], 1
+def block_buckets(max_blocks: int, first: int = 1, factor: int = 2) -> list[int]:
+    """Context buckets in blocks: ``first``, times ``factor`` each, up to ``max_blocks``."""
+    sizes, size = [], first
     while size < max_blocks:
         sizes.append(size)
-        size *= 2
+        size *= factor
     return sizes + [max_blocks]
 
 
@@ -65,8 +66,7 @@ class CapturedStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with context(), torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires (and compilation)
-                step(*args, **kwargs)
+            step(*args, **kwargs)  # one warm-up outside the graph, as capture requires (lazy inits, compilation)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool):

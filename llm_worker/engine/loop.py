@@ -8,7 +8,7 @@ data passed between them:
 - ``scheduler.py``: which requests run, under the KV budget and the batch size; chunked prefill
   under a per-step token budget, interleaved with decoding.
 - ``runner.py`` (``forward.py``, ``graphs.py``, ``adapter_rows.py``): the KV pool and one forward
-  pass over fixed-shape inputs; CUDA graphs on CUDA.
+  pass over fixed-shape inputs; CUDA graphs on CUDA; ``startup.py`` sizes and starts it.
 - ``step_sampling.py`` over ``sampler.py``: logits to token ids for all rows at once, each row with
   its own settings.
 - ``lifecycle.py`` over ``text.py``: each token accepted, text streamed, requests finished.
@@ -31,11 +31,10 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from llm_worker.engine.attention import check_model
 from llm_worker.engine.beam_search import answer_with_beams
-from llm_worker.engine.kv_cache import BLOCK_SIZE, BlockAllocator, KVPool, KVShape, blocks_for, kv_budget_blocks
+from llm_worker.engine.kv_cache import BlockAllocator
 from llm_worker.engine.lifecycle import Lifecycle
-from llm_worker.engine.memory import activation_dtype, profile_peak, return_freed_memory
+from llm_worker.engine.memory import return_freed_memory
 from llm_worker.engine.prompt_scoring import score_chunks, wants_scores
 from llm_worker.engine.requests import (
     Completion,
@@ -49,9 +48,9 @@ from llm_worker.engine.requests import (
     RequestHandle,
     Sink,
 )
-from llm_worker.engine.runner import StepRunner
 from llm_worker.engine.scheduler import PrefillChunk, Scheduler, group_by_width
 from llm_worker.engine.sequence import Sequence, decode_inputs, prefill_inputs
+from llm_worker.engine.startup import capture_when_idle, start_runner
 from llm_worker.engine.step_sampling import StepSampler
 from llm_worker.model.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
 
@@ -74,33 +73,10 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab = model.get_output_embeddings().weight.shape[0]
 
-        check_model(model)
-        shape = KVShape.of(model, dtype or activation_dtype(model))
-        max_blocks = blocks_for(config.max_seq_len)
-        reserved = 0
-        if self.device.type == "cuda":
-            rows, width = config.max_batch_size, config.max_prefill_tokens
-            kernel = config.attention_backend == "triton"
-            reserved = profile_peak(model, shape, self.device, rows, width, max_blocks, self.vocab, kernel)
-        blocks = kv_budget_blocks(
-            shape, self.device, kv_cache_tokens=config.kv_cache_tokens,
-            gpu_memory_utilization=config.gpu_memory_utilization, reserved_bytes=reserved,
-        )
-        self.pool = KVPool(shape, blocks, self.device)
+        self.runner = start_runner(model, config, self.device, dtype, self.vocab)
+        self.pool = self.runner.pool
         self.max_seq_len = min(config.max_seq_len, self.pool.capacity_tokens)
-        self.runner = StepRunner(
-            model, self.pool, self.device, config.max_batch_size, max_blocks, config.cuda_graphs,
-            attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
-            compile_backend=None if config.decode_compile == "off" else config.decode_compile, compile_cache=config.compile_cache_dir,
-        )
-        self.runner.capture_at_start()
-        log.info(
-            "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d; "
-            "prefix caching %s",
-            self.pool.capacity_tokens, self.pool.nbytes / 2**30, blocks - 1, BLOCK_SIZE,
-            self.pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
-            "on" if config.prefix_caching else "off (ENABLE_PREFIX_CACHE=0)",
-        )
+        blocks = self.pool.blocks
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
         self.sampler = StepSampler(self.vocab, self.eos_ids, self.device)
         self.life = Lifecycle(self.scheduler, self.eos_ids, self.device, config.max_job_seconds)
@@ -185,7 +161,10 @@ class Engine:
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         with torch.inference_mode():
-            while self._take_inbox(block=not self.scheduler.busy):
+            while self._take_inbox(block=not (self.scheduler.busy or self.runner.pending)):
+                if not self.scheduler.busy and self.runner.pending:  # idle: one planned graph, then the inbox again
+                    capture_when_idle(self.runner)
+                    continue
                 try:
                     self._step()
                 except Exception as err:  # a bug must cost the requests it touched, never the engine

@@ -96,6 +96,11 @@ class LayerWindows:
             self.kernel_by_layer[layer] = rule.kernel_window(self.horizon) if eligible else None
         return self.kernel_by_layer[layer]
 
+    @property
+    def all_in_kernel(self) -> bool:
+        """Every layer seen so far attends through the paged kernel (none reads gathered blocks)."""
+        return self.kernel and bool(self.kernel_by_layer) and None not in self.kernel_by_layer.values()
+
     def describe_kernel(self) -> str:
         """Which layers the paged kernel serves, for the start log (empty without the kernel)."""
         if not self.kernel:

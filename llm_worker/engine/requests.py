@@ -100,6 +100,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
+    static_shapes: bool | None = None  # decoding steps in CUDA graphs' fixed shapes (default: with graphs); True on the CPU in tests
     prefix_caching: bool = True  # share the KV of prompt blocks already computed
     attention_backend: str = "gather"  # gather: the pool's blocks copied out for the model's own kernel; triton: paged kernel
     lora_backend: str = "peft"  # rows of mixed adapters: peft (its loop over adapters), triton (one batched product)

@@ -1,8 +1,9 @@
 """The step runner: owns the KV pool and the device-side buffers, and runs one forward pass
 (``forward.py``) over a step's rows, eager or as a replayed CUDA graph (``graphs.py``).
 
-On CUDA a decoding step replays a graph captured for its (adapter, rows, context) bucket, the
-first time that bucket is used (the smallest contexts at start), logged with its capture time.
+On CUDA a decoding step replays a graph captured for its (adapter, rows, context) bucket: those
+of the first answers (one row, short contexts) at start, the base model's others for short
+contexts while the engine is idle (``capture_pending``), any other the first time it is used.
 With ``DECODE_COMPILE=inductor`` what each graph records is the step compiled by ``torch.compile``
 (``compiled_step``: one compilation for every bucket, its code cached on disk).
 Prefill chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into
@@ -37,7 +38,7 @@ from llm_worker.model.loading import weight_bytes
 
 log = logging.getLogger(__name__)
 
-GRAPH_CONTEXT_BLOCKS_AT_START = 16  # graphs for contexts up to 256 tokens are captured at start
+GRAPH_CONTEXT_BLOCKS_AT_START = 16  # graphs for contexts up to 256 tokens are planned at start
 # What one more segment of rows costs in a forward (per layer: a copy and an attention call more),
 # counted in blocks of context copied for one row; measured on the CPU, ~45 us against ~3 us.
 SEGMENT_COST_BLOCKS = 16
@@ -81,8 +82,10 @@ class StepRunner:
             log.warning("DECODE_COMPILE=%s does nothing here: decoding steps are compiled for CUDA graphs only", compile_backend)
         self.step = compiled_step(compile_backend, compile_cache) if self.compile_backend else forward_step
         self.rows_sizes = row_buckets(max_rows)
-        self.block_sizes = block_buckets(max_blocks)
+        # through the paged kernel a row reads its own length whatever the table's width: few, coarse context buckets
+        self.block_sizes = block_buckets(max_blocks, GRAPH_CONTEXT_BLOCKS_AT_START, 4) if self.windows.all_in_kernel else block_buckets(max_blocks)
         self.graphs: dict[tuple, CapturedStep | None] = {}  # None: capture failed, run eagerly
+        self.pending: list[tuple[int, int]] = []  # (rows, blocks) of base-model graphs to capture when idle
         self.capture_seconds = 0.0
         if self.use_graphs:
             self.graph_pool = torch.cuda.graph_pool_handle()
@@ -120,24 +123,50 @@ class StepRunner:
 
     def set_model(self, model) -> None:
         """The model object changed (an adapter was loaded or unloaded): captured graphs may read
-        weights that are gone, so they are dropped and captured again when used."""
+        weights that are gone, so they are dropped and captured again when idle or used."""
         use_pool_attention(model)
         self.model = model
         self.graphs.clear()
+        self.pending = self._planned() if self.static_shapes else []
         self.batched_lora = batched_lora_of(model) if self.lora_kernel else None
 
+    def _planned(self) -> list[tuple[int, int]]:
+        """The base model's graphs for short contexts, every batch size: largest first, so that
+        smaller ones reuse its memory."""
+        short = [b for b in self.block_sizes if b <= GRAPH_CONTEXT_BLOCKS_AT_START]
+        return [(rows, blocks) for rows in reversed(self.rows_sizes) for blocks in reversed(short)]
+
     def capture_at_start(self) -> None:
-        """Capture the base model's decoding graphs for every batch size and short contexts."""
-        if not self.use_graphs:
+        """Capture what the first answers need (the base model, one row, contexts up to 256
+        tokens); the other planned graphs wait for idle time (``capture_pending``) or first use."""
+        if not self.static_shapes:
             return
         started = time.perf_counter()
         context, kwargs, key = adapter_state(self.model, [None])
+        planned = self._planned()
         with torch.inference_mode():
-            for blocks in [b for b in self.block_sizes if b <= GRAPH_CONTEXT_BLOCKS_AT_START]:
-                for rows in reversed(self.rows_sizes):  # largest first, so smaller ones reuse its memory
-                    self._graph(key, rows, blocks, context, kwargs)
+            for rows, blocks in [p for p in planned if p[0] == 1]:
+                self._graph(key, rows, blocks, context, kwargs)
+        self.pending = [p for p in planned if p[0] != 1]
         compiled = f" (compiled by torch.compile, {self.compile_backend}, cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
-        log.info("Captured %d CUDA graphs in %.1f s%s", len(self.graphs), time.perf_counter() - started, compiled if self.compile_backend else "")
+        log.info(
+            "Captured %d CUDA graphs for the first answers in %.1f s%s; %d more (every batch size, contexts up to %d tokens) "
+            "while idle or when first used", len(self.graphs), time.perf_counter() - started,
+            compiled if self.compile_backend else "", len(self.pending), GRAPH_CONTEXT_BLOCKS_AT_START * BLOCK_SIZE,
+        )
+
+    def capture_pending(self) -> None:
+        """Capture the next planned graph not captured yet (the engine thread calls this when it
+        has nothing to run: one graph at a time, so a new request waits for one capture at most)."""
+        context, kwargs, key = adapter_state(self.model, [None])
+        while self.pending:
+            rows, blocks = self.pending.pop(0)
+            if (key, rows, blocks) not in self.graphs:
+                with torch.inference_mode():
+                    self._graph(key, rows, blocks, context, kwargs)
+                break
+        if not self.pending:
+            log.info("Captured every planned CUDA graph: %d in %.1f s in all", len(self.graphs), self.capture_seconds)
 
     def _graph(self, key, rows: int, blocks: int, context, kwargs) -> CapturedStep | None:
         index = (key, rows, blocks)
@@ -175,7 +204,10 @@ class StepRunner:
         if key is None and self.batched_lora is not None:
             self.batched_lora.index([adapters[i] for i in order])
         if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1 and not all_positions:
-            groups = split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
+            groups = (  # the paged kernel reads no padding: one replay
+                [list(range(len(lengths)))] if self.windows.all_in_kernel
+                else split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
+            )
             parts = [self._replay(inputs.take(group), key, context, kwargs) for group in groups]
             if len(parts) == 1:
                 return parts[0]

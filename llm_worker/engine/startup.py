@@ -1,0 +1,83 @@
+"""The engine's start, each part timed for the start log: the memory a worst-case step needs (on
+a GPU), the KV pool sized from what is left, the step runner's probe step, the CUDA graphs of
+the first answers; and the planned graphs captured later, while the engine is idle."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from llm_worker.engine.attention import check_model
+from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for, kv_budget_blocks
+from llm_worker.engine.memory import activation_dtype, profile_peak
+from llm_worker.engine.requests import EngineConfig
+from llm_worker.engine.runner import StepRunner
+
+log = logging.getLogger("llm_worker.engine.loop")  # the engine's start is told under the engine's name
+
+
+class StartClock:
+    """How long each part of the engine's start took, for the start log."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.parts: list[str] = []
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts.append(f"{part} {now - self.last:.1f} s")
+        self.last = now
+
+    def __str__(self) -> str:
+        return f"{self.last - self.started:.1f} s ({', '.join(self.parts)})"
+
+
+
+def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch.dtype | None, vocab: int) -> StepRunner:
+    """The step runner over a KV pool sized for this device, its first graphs captured."""
+    check_model(model)
+    shape = KVShape.of(model, dtype or activation_dtype(model))
+    max_blocks = blocks_for(config.max_seq_len)
+    reserved = 0
+    clock = StartClock()
+    if device.type == "cuda":
+        rows, width = config.max_batch_size, config.max_prefill_tokens
+        kernel = config.attention_backend == "triton"
+        reserved = profile_peak(model, shape, device, rows, width, max_blocks, vocab, kernel)
+        clock.lap("memory profile")
+    blocks = kv_budget_blocks(
+        shape, device, kv_cache_tokens=config.kv_cache_tokens,
+        gpu_memory_utilization=config.gpu_memory_utilization, reserved_bytes=reserved,
+    )
+    pool = KVPool(shape, blocks, device)
+    clock.lap("KV pool")
+    runner = StepRunner(
+        model, pool, device, config.max_batch_size, max_blocks, config.cuda_graphs, config.static_shapes,
+        attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
+        compile_backend=None if config.decode_compile == "off" else config.decode_compile, compile_cache=config.compile_cache_dir,
+    )
+    clock.lap("probe step")
+    runner.capture_at_start()
+    if runner.static_shapes:
+        clock.lap("first graphs")
+    log.info("Engine ready in %s", clock)
+    log.info(
+        "KV cache: %d tokens (%.2f GiB, %d blocks of %d), %d full-length sequences of %d tokens; batch up to %d; "
+        "prefix caching %s",
+        pool.capacity_tokens, pool.nbytes / 2**30, blocks - 1, BLOCK_SIZE,
+        pool.capacity_tokens // config.max_seq_len, config.max_seq_len, config.max_batch_size,
+        "on" if config.prefix_caching else "off (ENABLE_PREFIX_CACHE=0)",
+    )
+    return runner
+
+
+def capture_when_idle(runner: StepRunner) -> None:
+    """One planned graph, on the engine thread when it has nothing to run; a failure is logged and
+    ends the plan (the graphs left are captured when first used), never the engine."""
+    try:
+        runner.capture_pending()
+    except Exception:
+        log.exception("capturing a CUDA graph while idle failed")
+        runner.pending.clear()
