@@ -69,7 +69,8 @@ class CapturedStep:
             step(*args, **kwargs)  # one warm-up outside the graph, as capture requires (lazy inits, compilation)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool):
+        # thread_local: the engine thread may capture while idle, and other threads' CUDA calls must not break it
+        with context(), torch.cuda.graph(self.graph, pool=runner.graph_pool, capture_error_mode="thread_local"):
             self.logits = step(*args, **kwargs)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
