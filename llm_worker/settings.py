@@ -108,7 +108,7 @@ class Settings(Environment):
     )
     decode_compile: Literal["auto", "off", "inductor"] = Field(
         "auto",
-        description="Decoding steps compiled by torch.compile before their CUDA graphs are captured: inductor (norms, "
+        description="Decoding steps (before their CUDA graphs are captured) and prefill chunks compiled by torch.compile: inductor (norms, "
         "rotary, SiLU and residual adds fused; compiled code cached under MODEL_CACHE_DIR/torch_compile; CUDA only; "
         "not yet proven on a GPU), off: the model's own modules, auto: off.",
     )

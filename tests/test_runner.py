@@ -351,3 +351,44 @@ def test_a_compiled_decoding_step_is_one_whole_graph_and_answers_as_the_eager_on
             shapes |= set(compiled.graphs)
     assert compiled.step is not forward_step and len(shapes) >= 4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3, dict(torch._dynamo.utils.counters["stats"])
+
+
+def chunks(prompts, tables, starts, ends):
+    """One prefill forward over prompt pieces [start, end), left-padded to the widest (padding at
+    position 0, written to the scratch block), as the engine lays them out."""
+    width = max(end - start for start, end in zip(starts, ends))
+    inputs = StepInputs([], [], [], [])
+    for prompt, table, start, end in zip(prompts, tables, starts, ends):
+        pad = width - (end - start)
+        inputs.input_ids.append([0] * pad + prompt[start:end])
+        inputs.positions.append([0] * pad + list(range(start, end)))
+        inputs.write_index += [0] * pad + [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
+        inputs.block_table.append(table[: blocks_for(end)])
+    return inputs
+
+
+def test_compiled_prefill_chunks_give_the_eager_logits_in_the_compilations_made_at_start(tiny):
+    """DECODE_COMPILE: prefill chunks go through the compiled step too; its compilations for one
+    row and for several are made at start (``capture_at_start``), so chunks of other widths, rows
+    and contexts compile nothing more, and their logits are the eager forward's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain = StepRunner(tiny, fresh_pool(tiny, 64), torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False)
+    compiled = StepRunner(
+        tiny, fresh_pool(tiny, 64), torch.device("cpu"), max_rows=8, max_blocks=16, cuda_graphs=False, static_shapes=True,
+        compile_backend="aot_eager",
+    )
+    compiled.capture_at_start()
+    at_start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert at_start >= 2
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 21, 40, 70)]
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+    steps = [  # (rows, starts, ends): one row; two rows left-padded; a row's second chunk beside a fresh one
+        ([0], [0], [5]), ([1, 2], [0, 0], [21, 33]), ([3], [0], [30]), ([2, 3], [33, 30], [40, 70]),
+    ]
+    with torch.inference_mode():
+        for rows, starts, ends in steps:
+            step = chunks([prompts[i] for i in rows], [tables[i] for i in rows], starts, ends)
+            expected = plain.run(step, [None] * len(rows)).clone()
+            torch.testing.assert_close(compiled.run(step, [None] * len(rows)), expected, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == at_start, dict(torch._dynamo.utils.counters["stats"])

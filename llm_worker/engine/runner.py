@@ -81,6 +81,9 @@ class StepRunner:
         if compile_backend and not self.static_shapes:
             log.warning("DECODE_COMPILE=%s does nothing here: decoding steps are compiled for CUDA graphs only", compile_backend)
         self.step = compiled_step(compile_backend, compile_cache) if self.compile_backend else forward_step
+        if self.compile_backend:  # the pool's shapes never change: symbolic, they would tie rows and widths to them
+            for tensor in [*pool.keys, *pool.values]:
+                torch._dynamo.mark_static(tensor)
         self.rows_sizes = row_buckets(max_rows)
         # through the paged kernel a row reads its own length whatever the table's width: few, coarse context buckets
         self.block_sizes = block_buckets(max_blocks, GRAPH_CONTEXT_BLOCKS_AT_START, 4) if self.windows.all_in_kernel else block_buckets(max_blocks)
@@ -145,6 +148,10 @@ class StepRunner:
         context, kwargs, key = adapter_state(self.model, [None])
         planned = self._planned()
         with torch.inference_mode():
+            if self.compile_backend:  # prefill chunks of one row and of several: their compilations, before the first answer
+                for rows in (1, 2):
+                    scratch = StepInputs([[0] * 16] * rows, [list(range(16))] * rows, [SCRATCH_BLOCK * BLOCK_SIZE] * rows * 16, [[SCRATCH_BLOCK]] * rows)
+                    self._eager(at_least_two(scratch), context, kwargs, step=self.step)
             for rows, blocks in [p for p in planned if p[0] == 1]:
                 self._graph(key, rows, blocks, context, kwargs)
         self.pending = [p for p in planned if p[0] != 1]
@@ -214,7 +221,10 @@ class StepRunner:
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])
-        logits = self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None, all_positions)
+        if self.compile_backend and key is not None and not all_positions and (len(segments) == 1 or self.windows.all_in_kernel):
+            logits = self._eager(at_least_two(ordered), context, kwargs, step=self.step)  # a prefill chunk, compiled (DECODE_COMPILE)
+        else:
+            logits = self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None, all_positions)
         return self._in_order(logits, order)
 
     def _replay(self, inputs: StepInputs, key: str, context, kwargs) -> torch.Tensor:
@@ -226,13 +236,16 @@ class StepRunner:
         return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
 
     def _eager(
-        self, inputs: StepInputs, context, kwargs, segments: tuple[Segment, ...] | None = None, all_positions: bool = False
+        self, inputs: StepInputs, context, kwargs, segments: tuple[Segment, ...] | None = None, all_positions: bool = False, step=forward_step
     ) -> torch.Tensor:
+        """One forward outside a graph: ``forward_step``, or ``step`` (compiled) with no segments."""
         tensors = [
             torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, pad_tables(inputs.block_table))
         ]
         with context():
+            if step is not forward_step:
+                return step(self.model, self.pool, *tensors, windows=self.windows, **kwargs)
             return forward_step(
                 self.model, self.pool, *tensors, segments=segments, windows=self.windows, all_positions=all_positions, **kwargs
             )
@@ -255,6 +268,19 @@ def compiled_step(backend: str, cache: str | None):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache) / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache) / "triton"))
     return torch.compile(forward_step, backend=backend, dynamic=True, fullgraph=True)
+
+
+def at_least_two(inputs: StepInputs) -> StepInputs:
+    """A prefill chunk for the compiled step: at least two columns (one more of left padding) and
+    two blocks (the scratch block), since torch compiles sizes of 1 apart; rows of one and of
+    several are both compiled at start."""
+    pad = max(0, 2 - len(inputs.input_ids[0]))
+    return StepInputs(
+        [[0] * pad + ids for ids in inputs.input_ids],
+        [[0] * pad + positions for positions in inputs.positions],
+        [index for i in range(len(inputs.input_ids)) for index in [SCRATCH_BLOCK * BLOCK_SIZE] * pad + inputs.write_index[i * (len(inputs.input_ids[0])) : (i + 1) * len(inputs.input_ids[0])]],
+        pad_tables(inputs.block_table, max(2, *(len(table) for table in inputs.block_table))),
+    )
 
 
 def batched_lora_of(model):
