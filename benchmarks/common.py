@@ -9,6 +9,7 @@ one run on the same machine; figures are reported against the machine's memory b
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -58,17 +59,47 @@ class RunStats:
         }
 
 
-async def run_alternating(handler: Handler, seed: SeedProcess, jobs: list[dict], label: str = "engine") -> tuple[RunStats, RunStats]:
-    """The seed's way and the engine one request at a time, alternating request by request
-    (after one warm-up request each); returns (seed, engine c=1)."""
+@dataclass
+class Pair:
+    """One request the seed's way and the same request through the engine, one after the other."""
+
+    seed_tok_s: float
+    engine_tok_s: float
+    seed_started: float
+    engine_started: float
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_tok_s / self.seed_tok_s
+
+
+def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return median, q1, q3
+
+
+async def run_alternating(
+    handler: Handler, seed: SeedProcess, jobs: list[dict], label: str = "engine"
+) -> tuple[RunStats, RunStats, list[Pair]]:
+    """The seed's way and the engine one request at a time, in pairs on the same request (after
+    one warm-up request each), the seed first in even pairs and the engine first in odd ones, so
+    that neither side is always the one after the other's state or later in a drift; returns
+    (seed, engine c=1, the pairs). On a shared CPU the median of the pairs' ratios is the
+    trustworthy one-stream figure: totals measured minutes apart compare different machines."""
     seed.generate(jobs[0])
     await run_handler(handler, jobs[:1], 1)
-    seed_tokens, seed_times, engine_runs = 0, [], []
-    for job in jobs:
-        tokens, seconds = seed.generate(job)
-        seed_tokens += tokens
-        seed_times.append(seconds)
-        engine_runs.append(await run_handler(handler, [job], 1, label))
+    seed_tokens, seed_times, engine_runs, pairs = 0, [], [], []
+    for i, job in enumerate(jobs):
+        started = {}
+        for side in ("seed", "engine") if i % 2 == 0 else ("engine", "seed"):
+            started[side] = time.perf_counter()
+            if side == "seed":
+                tokens, seconds = seed.generate(job)
+                seed_tokens += tokens
+                seed_times.append(seconds)
+            else:
+                engine_runs.append(await run_handler(handler, [job], 1, label))
+        pairs.append(Pair(tokens / seconds, engine_runs[-1].tok_s, started["seed"], started["engine"]))
     baseline = RunStats(
         f"seed: sequential model.generate, {seed.dtype}", 1, len(jobs), seed_tokens, sum(seed_times), seed_times, seed_times
     )
@@ -76,7 +107,7 @@ async def run_alternating(handler: Handler, seed: SeedProcess, jobs: list[dict],
         f"{label} c=1", 1, len(jobs), sum(r.tokens for r in engine_runs), sum(r.seconds for r in engine_runs),
         [t for r in engine_runs for t in r.ttft], [t for r in engine_runs for t in r.latency],
     )
-    return baseline, engine
+    return baseline, engine, pairs
 
 
 LLAMA_SHAPES = {
@@ -144,18 +175,27 @@ async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, labe
 
 def make_random_adapters(base_model_dir: Path, folder: Path, count: int, rank: int = 8) -> list[str]:
     """``count`` LoRA adapters (Alpaca-LoRA's recipe: rank 8 on q/v) with random weights: they cost
-    what trained ones cost, which is all a throughput run needs. Returns their names."""
+    what trained ones cost, which is all a throughput run needs. PEFT builds them over the base
+    model's shape without its weights (on the meta device; a 7B base is not read), and only the
+    adapters' own weights are made. Returns their names."""
+    from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(base_model_dir)
     names = []
     for index in range(count):
-        model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
         torch.manual_seed(index)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(parameter, std=0.01)
+        for name, module in model.named_modules():
+            if name.endswith(("lora_A.default", "lora_B.default")):
+                module.to_empty(device="cpu")
+                if name.endswith("lora_A.default"):
+                    torch.nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # PEFT's own initialisation of A
+                else:
+                    torch.nn.init.normal_(module.weight, std=0.01)  # B is zeros in PEFT: an adapter that changes nothing
         names.append(f"bench-lora-{index}")
         model.save_pretrained(folder / names[-1])
     return names

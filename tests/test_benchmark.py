@@ -2,6 +2,7 @@
 matrix-product ceiling."""
 
 import asyncio
+import importlib.util
 import math
 import sys
 
@@ -9,11 +10,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import DEVICE
+from conftest import DEVICE, ROOT
 
 from benchmarks import attention as attention_benchmark
+from benchmarks import device_check, throughput
 from benchmarks.baselines import SeedProcess
-from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, run_alternating
+from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, median_and_quartiles, run_alternating
+from benchmarks.throughput import format_goals, goals
 from benchmarks.workloads import alpaca_workload
 
 
@@ -23,13 +26,37 @@ def test_the_seed_and_the_engine_alternate_request_by_request_and_both_are_count
     jobs = alpaca_workload(3, 5, fixed_length=True)
     seed = SeedProcess(folder)
     try:
-        baseline, engine = asyncio.run(run_alternating(lambda job: worker.handle(job["input"]), seed, jobs, "engine"))
+        baseline, engine, pairs = asyncio.run(run_alternating(lambda job: worker.handle(job["input"]), seed, jobs, "engine"))
     finally:
         seed.close()
     assert (baseline.requests, baseline.tokens, len(baseline.latency)) == (3, 15, 3)
     assert (engine.requests, engine.tokens, len(engine.latency), len(engine.ttft)) == (3, 15, 3, 3)
     assert engine.label == "engine c=1" and baseline.label == "seed: sequential model.generate, float32"
     assert baseline.seconds == sum(baseline.latency) and engine.seconds > 0
+    # one pair per request, the seed first, then the engine first, then the seed first again
+    assert [pair.seed_started < pair.engine_started for pair in pairs] == [True, False, True]
+    assert [round(pair.seed_tok_s, 6) for pair in pairs] == [round(5 / t, 6) for t in baseline.latency]
+    assert all(pair.ratio == pair.engine_tok_s / pair.seed_tok_s > 0 for pair in pairs)
+
+
+def test_the_one_stream_ratio_is_the_median_pair_and_its_quartiles():
+    assert median_and_quartiles([1.0, 0.5, 2.0, 1.1, 0.9]) == (1.0, 0.9, 1.1)
+    assert median_and_quartiles([0.8]) == (0.8, 0.8, 0.8)
+
+
+def test_the_goals_are_printed_with_the_figures_of_the_first_gpu_run():
+    """The figures of the first H200 run (docs/performance.md) give the table written there."""
+    figures = {
+        "engine_tok_s_c1": 115.3, "roofline_tok_s_c1": 294.0, "engine_tok_s_c32": 989.9, "p95_ttft_s_c32": 1.221,
+        "engine_tok_s_c128": 1549.5, "transformers_generate_batch_tok_s": 1612.2, "ready_s": 16.0,
+    }
+    rows = goals(figures, 32)
+    assert [(goal.split(" ")[0], met) for goal, _, met in rows] == [("one", False), ("32", False), ("128", False), ("ready", False)]
+    assert rows[0][1] == "115.3 tok/s, 39% of 294.0" and rows[2][1].startswith("0.96x")
+    met = goals({**figures, "engine_tok_s_c1": 200.0, "p95_ttft_s_c32": 0.4, "engine_tok_s_c32": 4100, "ready_s": 9.5,
+                 "ratio_adapters_vs_base": 0.85}, 32)
+    assert [m for _, _, m in met] == [True, True, False, True, True]
+    assert "| 32 concurrent over random LoRA adapters >= 0.8x the base model | 0.85x | yes |" in format_goals(met)
 
 
 def test_the_matmul_ceiling_is_measured_on_a_bf16_model_with_fp32_lora_weights():
@@ -60,3 +87,26 @@ def test_the_attention_benchmark_compares_both_paths_and_prints_its_table(monkey
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
     assert [(int(row[0]), int(row[1])) for row in cells] == [(1, context), (2, context)]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in cells)
+
+
+def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
+    """The GPU session's phases name test files that exist, modules that import, and throughput
+    options its parser accepts (a renamed test or option would cost a device session)."""
+    for cpu, shape in ((False, "llama-7b"), (True, "tiny")):
+        planned = device_check.phases(shape, cpu)
+        assert [name for name, *_ in planned] == [
+            "environment", "stand-in", "kernel-tests", "attention", "throughput-default", "throughput-kernels",
+        ]
+        for name, command, env, limit in planned:
+            assert command[0] == sys.executable and 0 < limit <= 300
+            if command[1] == "-m":
+                assert importlib.util.find_spec(command[2]) is not None, command
+            tests = [arg for arg in command if arg.startswith("tests/")]
+            assert all((ROOT / test).is_file() for test in tests)
+            if name.startswith("throughput"):
+                args = throughput.arguments(command[3:])
+                assert args.shape == shape and not args.structured and not args.prefix
+                assert args.concurrency == ([1, 8] if cpu else [1, 8, 32, 128])
+        kernels = planned[-1][2]
+        assert kernels["ATTENTION_BACKEND"] == "triton" and kernels["DECODE_COMPILE"] == "inductor"
+        assert (planned[2][2]["DEVICE"], "TRITON_INTERPRET" in planned[2][2]) == (("cpu", True) if cpu else ("cuda", False))
