@@ -20,7 +20,9 @@ seconds, and the JSON figures the throughput runs print last. The phases, in ord
 4. ``throughput-default``: ``benchmarks.throughput`` on today's default path, with transformers' own
    ``generate_batch`` as the peer;
 5. ``throughput-kernels``: the same with ``ATTENTION_BACKEND=triton LORA_BACKEND=triton
-   DECODE_COMPILE=inductor``, and 4 random LoRA adapters mixed.
+   DECODE_COMPILE=inductor``, and 4 random LoRA adapters mixed;
+and, only when ``--only`` names them, one part at a time: ``throughput-attention-kernel``
+(``ATTENTION_BACKEND=triton``) and ``throughput-compile`` (``DECODE_COMPILE=inductor``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ KIT = ROOT / ".device"
 WHEELS = [
     "transformers", "peft", "accelerate", "pydantic", "pydantic-core", "typing-extensions", "typing-inspection",
     "annotated-types", "pydantic-settings", "python-dotenv", "llguidance", "uvicorn", "h11", "click", "filelock",
-    "pytest", "pluggy", "iniconfig", "packaging", "jinja2", "markupsafe",
+    "pytest", "pluggy", "iniconfig", "pygments", "packaging", "jinja2", "markupsafe",
 ]
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64"]
 TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
@@ -133,7 +135,13 @@ def phases(shape: str, cpu: bool) -> list[tuple[str, list[str], dict, int]]:
         ("attention", [python, "-m", "benchmarks.attention", *(["--tiny"] if cpu else [])], device, 120),
         ("throughput-default", [*throughput, "--peer", "--adapters", "0"], {}, 300),
         ("throughput-kernels", [*throughput, "--no-peer", "--adapters", "4"], {**kernels, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300),
+        # one part at a time, for the table of what each bought: run only when named (--only)
+        *[(f"throughput-{name}", [*throughput, "--no-peer", "--adapters", "0"], {key: value, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300)
+          for name, (key, value) in {"attention-kernel": ("ATTENTION_BACKEND", "triton"), "compile": ("DECODE_COMPILE", "inductor")}.items()],
     ]
+
+
+ON_REQUEST = {"throughput-attention-kernel", "throughput-compile"}  # phases run only when --only names them
 
 
 def run_phases(out: Path, shape: str, cpu: bool, only: list[str] | None) -> dict:
@@ -145,7 +153,7 @@ def run_phases(out: Path, shape: str, cpu: bool, only: list[str] | None) -> dict
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (site, ROOT) if p.exists() and (p == ROOT or wheels)), "PYTHONUNBUFFERED": "1"}
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": shape, "phases": {}}
     for name, command, extra, limit in phases(shape, cpu):
-        if only and name not in only:
+        if (only and name not in only) or (not only and name in ON_REQUEST):
             continue
         started = time.perf_counter()
         with open(out / f"{name}.txt", "w") as log:

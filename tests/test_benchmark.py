@@ -96,7 +96,9 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
         planned = device_check.phases(shape, cpu)
         assert [name for name, *_ in planned] == [
             "environment", "stand-in", "kernel-tests", "attention", "throughput-default", "throughput-kernels",
+            "throughput-attention-kernel", "throughput-compile",
         ]
+        assert device_check.ON_REQUEST == {"throughput-attention-kernel", "throughput-compile"}
         for name, command, env, limit in planned:
             assert command[0] == sys.executable and 0 < limit <= 300
             if command[1] == "-m":
@@ -107,6 +109,7 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
                 args = throughput.arguments(command[3:])
                 assert args.shape == shape and not args.structured and not args.prefix
                 assert args.concurrency == ([1, 8] if cpu else [1, 8, 32, 128])
-        kernels = planned[-1][2]
+        kernels = planned[5][2]
+        assert planned[6][2]["ATTENTION_BACKEND"] == "triton" and planned[7][2]["DECODE_COMPILE"] == "inductor"
         assert kernels["ATTENTION_BACKEND"] == "triton" and kernels["DECODE_COMPILE"] == "inductor"
         assert (planned[2][2]["DEVICE"], "TRITON_INTERPRET" in planned[2][2]) == (("cpu", True) if cpu else ("cuda", False))

@@ -5,9 +5,10 @@ On CUDA a decoding step replays a graph captured for its (adapter, rows, context
 of the first answers (one row, short contexts) at start, the base model's others for short
 contexts while the engine is idle (``capture_pending``), any other the first time it is used.
 With ``DECODE_COMPILE=inductor`` what each graph records is the step compiled by ``torch.compile``
-(``compiled_step``: one compilation for every bucket, its code cached on disk).
-Prefill chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into
-segments of similar length. On the CPU every step runs eagerly, unpadded.
+(``compiled_step``: one compilation for every bucket, its code cached on disk), and prefill
+chunks run that compiled step too. Otherwise prefill chunks and steps that mix adapters run
+eagerly, with rows sorted by context and cut into segments of similar length. On the CPU every
+step runs eagerly, unpadded.
 """
 
 from __future__ import annotations
