@@ -235,3 +235,41 @@ def test_a_model_on_its_own_eager_attention_keeps_the_gathered_path_and_the_log_
             engine.close()
     assert answers[0] == answers[1]
     assert "ATTENTION_BACKEND=triton), except layers [0, 1], whose mask or attention function it does not compute" in caplog.text
+
+
+def test_the_compiled_step_takes_the_kernels_whole_and_answers_as_the_gathered_path():
+    """DECODE_COMPILE with ATTENTION_BACKEND=triton: the kernels are custom ops, so torch.compile
+    traces prefill and decoding steps through them with no graph break (``fullgraph``), and the
+    logits are the gathered path's (aot_eager here; inductor's code is the device's to prove)."""
+    from llm_worker.engine.kv_cache import KVPool, KVShape, blocks_for
+    from llm_worker.engine.runner import StepInputs, StepRunner
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = scaled(MODELS["llama"](256))
+    device = torch.device(DEVICE)
+
+    def runner(**options):
+        pool = KVPool(KVShape.of(model, torch.float32), 64, device)
+        return StepRunner(model, pool, device, max_rows=8, max_blocks=16, cuda_graphs=False, **options)
+
+    gathered = runner()
+    compiled = runner(static_shapes=True, attention_kernel=True, compile_backend="aot_eager")
+    compiled.capture_at_start()
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (21, 9)]
+    tables = [list(range(1, 9)), list(range(9, 17))]
+    with torch.inference_mode():
+        for prompt, table in zip(prompts, tables):
+            write = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))]
+            step = StepInputs([prompt], [list(range(len(prompt)))], write, [table[: blocks_for(len(prompt))]])
+            torch.testing.assert_close(compiled.run(step, [None]), gathered.run(step, [None]).clone(), **TOLERANCE)
+        lengths = [len(p) for p in prompts]
+        step = StepInputs(
+            [[5], [7]], [[n] for n in lengths], [t[n // BLOCK_SIZE] * BLOCK_SIZE + n % BLOCK_SIZE for t, n in zip(tables, lengths)],
+            [t[: blocks_for(n + 1)] for t, n in zip(tables, lengths)],
+        )
+        expected = gathered.run(step, [None, None]).clone()
+        torch.testing.assert_close(compiled.run(step, [None, None]), expected, **TOLERANCE)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
