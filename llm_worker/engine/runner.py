@@ -168,10 +168,13 @@ class StepRunner:
         has nothing to run: one graph at a time, so a new request waits for one capture at most)."""
         context, kwargs, key = adapter_state(self.model, [None])
         while self.pending:
-            rows, blocks = self.pending.pop(0)
-            if (key, rows, blocks) not in self.graphs:
+            rows, blocks = self.pending[0]
+            fresh = (key, rows, blocks) not in self.graphs
+            if fresh:
                 with torch.inference_mode():
                     self._graph(key, rows, blocks, context, kwargs)
+            self.pending.pop(0)  # once captured: an empty plan means every planned graph is there
+            if fresh:
                 break
         if not self.pending:
             log.info("Captured every planned CUDA graph: %d in %.1f s in all", len(self.graphs), self.capture_seconds)
