@@ -27,11 +27,11 @@ class StartClock:
 
     def lap(self, part: str) -> None:
         now = time.perf_counter()
-        self.parts.append(f"{part} {now - self.last:.1f} s")
+        self.parts.append(f"{part} {now - self.last:.2f} s")
         self.last = now
 
     def __str__(self) -> str:
-        return f"{self.last - self.started:.1f} s ({', '.join(self.parts)})"
+        return f"{self.last - self.started:.2f} s ({', '.join(self.parts)})"
 
 
 
