@@ -118,28 +118,31 @@ LLAMA_SHAPES = {
 }
 
 
-def build_random_llama(shape: str, tokenizer_dir: Path, folder: Path, device: str, dtype: str) -> Path:
-    """A LLaMA-shaped model with random weights and the embedded model's tokenizer, saved as a
-    normal model folder (no download). Random weights rarely end an answer: use ``fixed_length``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_llama(shape: str, vocab: int, device: str, dtype: torch.dtype | str, **special_tokens):
+    """A LLaMA-shaped model with random weights, built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        **LLAMA_SHAPES[shape],
-        vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = LlamaConfig(**LLAMA_SHAPES[shape], vocab_size=vocab, max_position_embeddings=4096, **special_tokens)
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
+    torch.set_default_dtype(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def build_random_llama(shape: str, tokenizer_dir: Path, folder: Path, device: str, dtype: str) -> Path:
+    """A LLaMA-shaped model with random weights and the embedded model's tokenizer, saved as a
+    normal model folder (no download). Random weights rarely end an answer: use ``fixed_length``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = random_llama(
+        shape, len(tokenizer), device, dtype,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model

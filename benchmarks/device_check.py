@@ -17,6 +17,7 @@ seconds, and the JSON figures the throughput runs print last. The phases, in ord
 1. ``environment``: the card, the versions, what the core imports;
 2. ``kernel-tests``: the paged-attention, batched-LoRA and step-runner tests with ``DEVICE=cuda``;
 3. ``attention``: the kernel against the gathered path, one layer, rows 1/32/128 x contexts 128/512/2048;
+   ``step-profile``: the model's whole decoding step on each path, timed, its kernels counted and ranked;
 4. ``throughput-default``: ``benchmarks.throughput`` on today's default path, with transformers' own
    ``generate_batch`` as the peer;
 5. ``throughput-kernels``: the same with ``ATTENTION_BACKEND=triton LORA_BACKEND=triton
@@ -133,6 +134,7 @@ def phases(shape: str, cpu: bool) -> list[tuple[str, list[str], dict, int]]:
         ("stand-in", [python, "-m", "benchmarks.device_check", "--stand-in"], {}, 120),
         ("kernel-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], device, 240),
         ("attention", [python, "-m", "benchmarks.attention", *(["--tiny"] if cpu else [])], device, 120),
+        ("step-profile", [python, "-m", "benchmarks.step_profile", *(["--rows", "1", "4", "--context", "64"] if cpu else [])], device, 180),
         ("throughput-default", [*throughput, "--peer", "--adapters", "0"], {}, 300),
         ("throughput-kernels", [*throughput, "--no-peer", "--adapters", "4"], {**kernels, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300),
         # one part at a time, for the table of what each bought: run only when named (--only)

@@ -47,7 +47,7 @@ from benchmarks.workloads import ANSWER_SCHEMA, alpaca_workload, shared_prompt_w
 from llm_worker.engine.constraints import Grammars
 from llm_worker.model.loading import weight_bytes
 from llm_worker.settings import Settings
-from model_cache import prepare_default_model, resolve_base_model
+from model_cache import is_complete_model_dir, prepare_default_model, resolve_base_model
 
 STARTED = time.perf_counter()
 
@@ -87,10 +87,16 @@ def main() -> None:
     fixed_length = args.shape is not None
     if args.shape:
         dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
-        folder = Path(tempfile.mkdtemp(prefix=f"random-{args.shape}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-        build_random_llama(args.shape, prepare_default_model(Settings()), folder, device, dtype)
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        folder = shm / f"llm-worker-random-{args.shape}-{dtype}"  # the same seed: a later run reuses it
+        if is_complete_model_dir(folder):
+            say(f"reusing the random {args.shape} model in {folder}")
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=shm))
+            build_random_llama(args.shape, prepare_default_model(Settings()), staging, device, dtype)
+            staging.rename(folder)
+            say(f"built a random {args.shape} model in {folder} ({dtype}, {device})")
         os.environ.update(BASE_MODEL=str(folder), DTYPE=dtype)
-        say(f"built a random {args.shape} model in {folder} ({dtype}, {device})")
     os.environ.setdefault("MAX_BATCH_SIZE", str(max(args.concurrency + [args.adapter_concurrency])))
     model_dir = resolve_base_model(Settings())
 

@@ -13,11 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import DEVICE, ROOT
 
 from benchmarks import attention as attention_benchmark
-from benchmarks import device_check, throughput
+from benchmarks import device_check, step_profile, throughput
 from benchmarks.baselines import SeedProcess
-from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, median_and_quartiles, run_alternating
+from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, median_and_quartiles, random_llama, run_alternating
 from benchmarks.throughput import format_goals, goals
 from benchmarks.workloads import alpaca_workload
+from llm_worker.engine.kv_cache import KVPool, KVShape
+from llm_worker.engine.runner import StepRunner
 
 
 def test_the_seed_and_the_engine_alternate_request_by_request_and_both_are_counted(started, base_model_dir, tmp_path):
@@ -95,8 +97,8 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
     for cpu, shape in ((False, "llama-7b"), (True, "tiny")):
         planned = device_check.phases(shape, cpu)
         assert [name for name, *_ in planned] == [
-            "environment", "stand-in", "kernel-tests", "attention", "throughput-default", "throughput-kernels",
-            "throughput-attention-kernel", "throughput-compile",
+            "environment", "stand-in", "kernel-tests", "attention", "step-profile", "throughput-default",
+            "throughput-kernels", "throughput-attention-kernel", "throughput-compile",
         ]
         assert device_check.ON_REQUEST == {"throughput-attention-kernel", "throughput-compile"}
         for name, command, env, limit in planned:
@@ -109,7 +111,22 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
                 args = throughput.arguments(command[3:])
                 assert args.shape == shape and not args.structured and not args.prefix
                 assert args.concurrency == ([1, 8] if cpu else [1, 8, 32, 128])
-        kernels = planned[5][2]
-        assert planned[6][2]["ATTENTION_BACKEND"] == "triton" and planned[7][2]["DECODE_COMPILE"] == "inductor"
+        kernels = planned[6][2]
+        assert planned[7][2]["ATTENTION_BACKEND"] == "triton" and planned[8][2]["DECODE_COMPILE"] == "inductor"
         assert kernels["ATTENTION_BACKEND"] == "triton" and kernels["DECODE_COMPILE"] == "inductor"
         assert (planned[2][2]["DEVICE"], "TRITON_INTERPRET" in planned[2][2]) == (("cpu", True) if cpu else ("cuda", False))
+
+
+def test_the_step_profile_times_a_whole_step_and_ranks_what_it_runs():
+    """On the CPU the step runs eagerly and the profile ranks operators: the model's matrix
+    products lead, once per linear layer (4 layers x 7, and the output head)."""
+    model = random_llama("tiny", 512, "cpu", torch.float32).eval()
+    pool = KVPool(KVShape.of(model, torch.float32), 4 * 4 + 2, torch.device("cpu"))
+    runner = StepRunner(model, pool, torch.device("cpu"), 4, 4, cuda_graphs=True)
+    inputs = step_profile.decode_inputs(4, 60)
+    assert inputs.block_table == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    assert inputs.write_index == [4 * 16 + 11, 8 * 16 + 11, 12 * 16 + 11, 16 * 16 + 11]
+    found = step_profile.profile(runner, inputs, "cpu", top=3)
+    assert found["ms"] > 0 and found["kernels"] > 29
+    names = {name: count for name, count, _, _ in found["top"]}
+    assert names.get("aten::mm") == 29, found["top"]
