@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MIXED = "__batched_lora__"  # the graph key of decoding steps whose rows mix adapters through the batched product (LORA_BACKEND=triton)
 
 
 AdapterState = tuple[Callable[[], contextlib.AbstractContextManager], dict, str | None]

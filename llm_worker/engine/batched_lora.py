@@ -68,9 +68,11 @@ def _expand_kernel(
         tl.store(out_ptr + token * stride_out + o, previous + delta.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@torch.library.custom_op("llm_worker::lora_delta", mutates_args=("out",))
 def lora_delta_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor) -> None:
     """``out`` [rows, width, out] += each token's ``(x A^T) B^T * scaling`` of its row's adapter
-    (``rows`` [rows]: an index into the stacks, -1 for none)."""
+    (``rows`` [rows]: an index into the stacks, -1 for none). A torch custom op: CUDA graphs and
+    torch.compile take it whole."""
     width = x.shape[-2] if x.dim() == 3 else 1
     in_features, out_features = x.shape[-1], out.shape[-1]
     x2, out2 = x.reshape(-1, in_features).contiguous(), out.view(-1, out_features)
@@ -87,16 +89,26 @@ def lora_delta_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     )
 
 
+@lora_delta_.register_fake
+def _(out, x, a, b, scaling, rows) -> None:
+    return None
+
+
 class BatchedLora:
     """The stacks of every LoRA-wrapped linear layer of a PEFT model, and the rows' adapter index
     of the step in progress. Building it swaps each layer's mixed-batch forward for the batched
-    one; ``None`` from ``of`` means the model keeps PEFT's own."""
+    one; ``None`` from ``of`` means the model keeps PEFT's own.
 
-    def __init__(self, names: list[str], layers: list[LoraLinear]) -> None:
+    The index lives in one buffer of ``max_rows`` slots, written in place at each step: a step
+    captured as a CUDA graph reads it there, so one graph per (rows, context) bucket serves every
+    mix of adapters (``MIXED``)."""
+
+    def __init__(self, names: list[str], layers: list[LoraLinear], max_rows: int) -> None:
         self.names = names
         self.slot = {name: i for i, name in enumerate(names)}
         self.device = next(iter(layers[0].lora_A.values())).weight.device
-        self.rows: torch.Tensor | None = None
+        self.buffer = torch.full((max_rows,), -1, dtype=torch.int64, device=self.device)
+        self.rows: torch.Tensor = self.buffer
         self.stacks = {}
         for layer in layers:
             rank = max(layer.lora_A[name].weight.shape[0] for name in names if name in layer.lora_A)
@@ -114,7 +126,7 @@ class BatchedLora:
             layer._mixed_batch_forward = types.MethodType(self._forward, layer)
 
     @classmethod
-    def of(cls, model) -> BatchedLora | None:
+    def of(cls, model, max_rows: int) -> BatchedLora | None:
         """For a PEFT model whose adapters are all plain LoRA on linear layers, else None."""
         for module in model.modules():  # the previous stacks' forwards, if any
             module.__dict__.pop("_mixed_batch_forward", None)
@@ -124,12 +136,15 @@ class BatchedLora:
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "lora_embedding_A")]
         if not lora_layers or any(not isinstance(m, LoraLinear) or m.lora_embedding_A or m.merged for m in lora_layers):
             return None
-        return cls(sorted(configs), lora_layers)
+        return cls(sorted(configs), lora_layers, max_rows)
 
-    def index(self, names: list[str | None]) -> None:
-        """The rows' slots in the stacks (-1: the base model), for the step's forward."""
+    def index(self, names: list[str | None], size: int | None = None) -> None:
+        """The rows' slots in the stacks (-1: the base model), for the step's forward, written into
+        the buffer in place; ``size``: the rows of a captured step, the padding rows' slots -1."""
         slots = [self.slot[name] if name not in (None, BASE_ADAPTER) else -1 for name in names]
-        self.rows = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        size = size or len(slots)
+        self.rows = self.buffer[:size]
+        self.rows.copy_(torch.tensor(slots + [-1] * (size - len(slots)), dtype=torch.int64), non_blocking=True)
 
     def _forward(self, layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         for key in VARIANT_KWARG_KEYS:  # as PEFT's mixed forward: not the base layer's (none applies to plain LoRA)

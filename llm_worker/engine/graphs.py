@@ -45,7 +45,7 @@ class CapturedStep:
     CUDA (``StepRunner(static_shapes=True)`` on the CPU, for tests) the same static buffers and
     padding run eagerly at each replay."""
 
-    def __init__(self, runner: StepRunner, rows: int, blocks: int, context, kwargs: dict) -> None:
+    def __init__(self, runner: StepRunner, rows: int, blocks: int, context, kwargs: dict, step=None) -> None:
         self.rows, self.blocks = rows, blocks
         buffers = runner.static
         self.input_ids = buffers["input_ids"][:rows]
@@ -58,7 +58,7 @@ class CapturedStep:
         args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
         kwargs = {**kwargs, "windows": runner.windows}
         self.graph = None
-        step = runner.step  # forward_step, or compiled (DECODE_COMPILE)
+        step = step or runner.step  # forward_step, or compiled (DECODE_COMPILE)
         if not runner.use_graphs:
             self._eager = lambda: step(*args, **kwargs)
             self._context = context

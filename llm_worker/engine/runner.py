@@ -6,9 +6,10 @@ of the first answers (one row, short contexts) at start, the base model's others
 contexts while the engine is idle (``capture_pending``), any other the first time it is used.
 With ``DECODE_COMPILE=inductor`` what each graph records is the step compiled by ``torch.compile``
 (``compiled_step``: one compilation for every bucket, its code cached on disk), and prefill
-chunks run that compiled step too. Otherwise prefill chunks and steps that mix adapters run
-eagerly, with rows sorted by context and cut into segments of similar length. On the CPU every
-step runs eagerly, unpadded.
+chunks run that compiled step too. Decoding steps that mix adapters replay graphs of their own
+(``MIXED``) when the batched LoRA product serves them (``LORA_BACKEND=triton``). Otherwise prefill
+chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into segments
+of similar length. On the CPU every step runs eagerly, unpadded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llm_worker.engine.adapter_rows import adapter_groups, adapter_state
+from llm_worker.engine.adapter_rows import BASE_ADAPTER, MIXED, adapter_groups, adapter_state
 from llm_worker.engine.attention import (
     PoolView,
     UnsupportedModel,
@@ -74,7 +75,7 @@ class StepRunner:
             check_kernel_device(device, "LORA_BACKEND", "peft")
         self.windows = LayerWindows(max_blocks * BLOCK_SIZE, kernel=attention_kernel)
         self.lora_kernel = lora_kernel
-        self.batched_lora = batched_lora_of(model) if lora_kernel else None
+        self.batched_lora = batched_lora_of(model, max_rows) if lora_kernel else None
         self._probe()
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.static_shapes = self.use_graphs if static_shapes is None else static_shapes
@@ -132,7 +133,7 @@ class StepRunner:
         self.model = model
         self.graphs.clear()
         self.pending = self._planned() if self.static_shapes else []
-        self.batched_lora = batched_lora_of(model) if self.lora_kernel else None
+        self.batched_lora = batched_lora_of(model, self.rows_sizes[-1]) if self.lora_kernel else None
 
     def _planned(self) -> list[tuple[int, int]]:
         """The base model's graphs for short contexts, every batch size: largest first, so that
@@ -184,7 +185,9 @@ class StepRunner:
         if index not in self.graphs:
             started = time.perf_counter()
             try:
-                self.graphs[index] = CapturedStep(self, rows, blocks, context, kwargs)
+                # mixed adapters: PEFT's per-row names would be compiled in, one compilation per batch size
+                step = forward_step if key == MIXED else self.step
+                self.graphs[index] = CapturedStep(self, rows, blocks, context, kwargs, step)
             except Exception as err:  # e.g. a quantized layer that synchronises: run this shape eagerly
                 log.warning("CUDA graph capture failed for %s rows=%d blocks=%d (%s: %s); running it eagerly",
                             key, rows, blocks, type(err).__name__, err)
@@ -214,28 +217,35 @@ class StepRunner:
         context, kwargs, key = adapter_state(self.model, [adapters[i] for i in order])  # per-row adapters follow the rows
         if key is None and self.batched_lora is not None:
             self.batched_lora.index([adapters[i] for i in order])
+            key = MIXED  # every mix of adapters through the batched product: one graph per bucket
         if self.static_shapes and key is not None and len(inputs.input_ids[0]) == 1 and not all_positions:
             groups = (  # the paged kernel reads no padding: one replay
                 [list(range(len(lengths)))] if self.windows.all_in_kernel
                 else split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
             )
-            parts = [self._replay(inputs.take(group), key, context, kwargs) for group in groups]
+            parts = [self._replay(inputs.take(group), key, context, kwargs, [adapters[i] for i in group]) for group in groups]
             if len(parts) == 1:
                 return parts[0]
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])
-        if self.compile_backend and key is not None and not all_positions and (len(segments) == 1 or self.windows.all_in_kernel):
+        if self.compile_backend and key not in (None, MIXED) and not all_positions and (len(segments) == 1 or self.windows.all_in_kernel):
             logits = self._eager(at_least_two(ordered), context, kwargs, step=self.step)  # a prefill chunk, compiled (DECODE_COMPILE)
         else:
             logits = self._eager(ordered, context, kwargs, segments if len(segments) > 1 else None, all_positions)
         return self._in_order(logits, order)
 
-    def _replay(self, inputs: StepInputs, key: str, context, kwargs) -> torch.Tensor:
+    def _replay(self, inputs: StepInputs, key: str, context, kwargs, names: list[str | None]) -> torch.Tensor:
         rows = bucket(len(inputs.input_ids), self.rows_sizes)
         blocks = bucket(max(len(table) for table in inputs.block_table), self.block_sizes)
+        if key == MIXED:  # the graph reads the rows' adapters from the batched product's buffer, padding rows none
+            self.batched_lora.index(names, size=rows)
+            kwargs = {"adapter_names": [BASE_ADAPTER] * rows}  # PEFT's mixed path; the names themselves go unread
         graph = self._graph(key, rows, blocks, context, kwargs)
         if graph is None:
+            if key == MIXED:
+                self.batched_lora.index(names)
+                kwargs = {"adapter_names": [name or BASE_ADAPTER for name in names]}
             return self._eager(inputs, context, kwargs)
         return graph.run(replace(inputs, block_table=pad_tables(inputs.block_table, blocks)))
 
@@ -287,12 +297,12 @@ def at_least_two(inputs: StepInputs) -> StepInputs:
     )
 
 
-def batched_lora_of(model):
+def batched_lora_of(model, max_rows: int):
     """The batched LoRA product for this model's adapters (``LORA_BACKEND=triton``), or None
     where PEFT's own mixed forward must serve them; imported when used (triton)."""
     from llm_worker.engine.batched_lora import BatchedLora
 
-    batched = BatchedLora.of(model)
+    batched = BatchedLora.of(model, max_rows)
     if hasattr(model, "peft_config"):
         way = "one batched LoRA product per layer (LORA_BACKEND=triton)" if batched else "PEFT's loop (not all plain LoRA on linear layers)"
         log.info("Rows of mixed adapters: %s", way)
