@@ -87,7 +87,7 @@ def test_a_captured_mixed_step_reads_each_rows_adapter_from_the_buffer_and_pads_
     padding row the base model's, and each row's logits those of the eager batched step."""
     model, _, adapter_dir = llama_base
     lengths, tables = [9, 20, 33], [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    inputs = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
     names = ["qv", None, "mlp64"]
     logits = {}
     for graph_shapes in (False, True):
@@ -95,7 +95,7 @@ def test_a_captured_mixed_step_reads_each_rows_adapter_from_the_buffer_and_pads_
         pool = KVPool(KVShape.of(peft_model, torch.float32), 16, torch.device(DEVICE))
         runner = StepRunner(peft_model, pool, torch.device(DEVICE), 8, 4, cuda_graphs=False, static_shapes=graph_shapes, lora_kernel=True)
         with torch.inference_mode():
-            for prompt, table, name in zip(prompts, tables, names):
+            for prompt, table, name in zip(inputs, tables, names):
                 write = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))]
                 runner.run(StepInputs([prompt], [list(range(len(prompt)))], write, [table[: blocks_for(len(prompt))]]), [name])
             step = StepInputs(
