@@ -216,6 +216,8 @@ def test_an_adapter_chosen_by_model_answers_as_the_native_adapter_field(served):
         (COMPLETIONS, {"prompt": "hi", "stop": ["x"] * 17}, "stop"),
         (COMPLETIONS, {"prompt": [1, "a"]}, "prompt"),
         ("/v1/embeddings", {"input": "hi"}, "openai_route"),
+        ([], {"input": "hi"}, "openai_route"),  # not a string: it could not even be looked up (hypothesis found it)
+        ({"path": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}, "openai_route"),
     ],
 )
 def test_bad_requests_get_openai_errors_naming_the_parameter(served, route, body, param):

@@ -34,6 +34,11 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
     try:
         if worker.load_error:
             raise openai.unavailable(worker.load_error)
+        if not isinstance(route, str):  # a list or a dict cannot even be looked up among the routes
+            raise openai.OpenAIError(
+                f"openai_route: must be a string such as {openai.CHAT!r}, got {type(route).__name__}",
+                "openai_route", "invalid_type", status=400,
+            )
         if route in openai.PLAIN_ROUTES:
             yield openai.plain_answer(worker, route, job.get("openai_input"))
             return
