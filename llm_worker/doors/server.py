@@ -153,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, as in a container)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+    server: Server | None = None
+    early: list[int] = []
+
+    def on_signal(sig: int, frame) -> None:
+        """Before uvicorn takes the signals over (and after it gives them back): a signal that
+        came before the server existed stops it as soon as it runs, never one swallowed."""
+        if server is None:
+            early.append(sig)
+        else:
+            server.handle_exit(sig, frame)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     configure_logging()
     try:
         config = ServerSettings()
@@ -173,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=5,
     )
     server = Server(server_config, starting)
-    # uvicorn re-raises the signal it shut down for once it is done; handled, it ends the process with 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    for sig in early:  # uvicorn re-raises the signal it shut down for once it is done: handled here, the exit is 0
+        server.handle_exit(sig, None)
     server.run()
     return 0 if server.started else 1
 
