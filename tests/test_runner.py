@@ -2,15 +2,15 @@
 
 import functools
 import logging
-import queue
 import re
 import time
 
 import pytest
 import torch
+from test_paged_attention import answers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llm_worker.engine import Completion, Engine, EngineConfig, Failed, GenerationRequest
+from llm_worker.engine import Engine, EngineConfig, GenerationRequest
 from llm_worker.schema import GenerationConfig
 
 from llm_worker.engine.masks import LayerWindows
@@ -202,18 +202,10 @@ def test_an_idle_engine_captures_its_planned_graphs_and_answers_as_without_them(
                     break
                 time.sleep(0.1)
             assert set(fixed.runner.graphs) == {("__base__", rows, blocks) for rows in (1, 2, 4, 8) for blocks in (1, 2, 4, 8)}
-            events = queue.Queue()
-            for i, ids in enumerate(prompts):  # together: 3 rows replay the 4-row shapes
-                fixed.submit(GenerationRequest(ids, config), lambda event, i=i: events.put((i, event)))
-            done = {}
-            while len(done) < len(prompts):
-                i, event = events.get(timeout=600)
-                assert not isinstance(event, Failed), event.error
-                if isinstance(event, Completion):
-                    done[i] = event.token_ids
+            together = answers(fixed, prompts, config)  # 3 rows replay the 4-row shapes
         finally:
             fixed.close()
-    assert [done[i] for i in range(len(prompts))] == expected
+    assert together == expected
     assert "Captured 4 CUDA graphs for the first answers" in caplog.text and "12 more" in caplog.text
     assert "Captured every planned CUDA graph: 16" in caplog.text
     assert re.search(r"Engine ready in [\d.]+ s \(KV pool [\d.]+ s, probe step [\d.]+ s, first graphs [\d.]+ s\)", caplog.text)
