@@ -44,7 +44,7 @@ from benchmarks.common import (
     run_handler,
 )
 from benchmarks.workloads import ANSWER_SCHEMA, alpaca_workload, shared_prompt_workload
-from llm_worker.engine.constraints import Grammars
+from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.model.loading import weight_bytes
 from llm_worker.settings import Settings
 from model_cache import is_complete_model_dir, prepare_default_model, resolve_base_model
@@ -175,7 +175,7 @@ def main() -> None:
         jobs = alpaca_workload(args.requests, args.max_new_tokens, json_schema=ANSWER_SCHEMA)
         structured = asyncio.run(run_handler(handle, jobs, c, "half the jobs under a JSON schema"))
         runs.append(structured)
-        fresh = Grammars(worker.loaded.tokenizer, engine.vocab, engine.eos_ids)
+        fresh = Grammars(worker.loaded.tokenizer, grammar_vocab(engine.vocab, worker.loaded.tokenizer), engine.eos_ids)
         tokenizer_started = time.perf_counter()
         fresh.tokenizer
         compile_started = time.perf_counter()

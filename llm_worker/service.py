@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 from llm_worker import native
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest
-from llm_worker.engine.constraints import Grammars
+from llm_worker.engine.constraints import Grammars, grammar_vocab
+from llm_worker.engine.device import Device
 from llm_worker.logs import job_log, log_refused
 from llm_worker.model.adapters import AdapterError, AdapterManager
 from llm_worker.model.loading import LoadedModel, adapter_name, load_model
@@ -51,7 +52,10 @@ class Worker:
         loaded: LoadedModel | None,
         adapters: AdapterManager | None = None,
         load_error: str | None = None,
+        device: Device | None = None,
     ) -> None:
+        """``device``: the device's queue the engine launches on (default: the model's device's;
+        a simulated GPU in benchmarks and tests)."""
         self.settings = settings
         self.loaded = loaded
         self.adapters = adapters
@@ -69,19 +73,20 @@ class Worker:
             self.context_length = _context_length(loaded)
             try:
                 self.engine = Engine(
-                    loaded.model, loaded.tokenizer, engine_config(settings, self.context_length), dtype=loaded.dtype, adapters=adapters
+                    loaded.model, loaded.tokenizer, engine_config(settings, self.context_length), dtype=loaded.dtype,
+                    adapters=adapters, device=device,
                 )
-                self.grammars = Grammars(loaded.tokenizer, self.engine.vocab, self.engine.eos_ids)
+                self.grammars = Grammars(loaded.tokenizer, grammar_vocab(self.engine.vocab, loaded.tokenizer), self.engine.eos_ids)
                 self.grammars.warm_up()
             except Exception as err:
                 log.exception("the engine failed to start")
                 self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"
 
     @classmethod
-    def start(cls, settings: Settings | None = None) -> Worker:
+    def start(cls, settings: Settings | None = None, device: Device | None = None) -> Worker:
         """Read the settings and load the model. If a setting is invalid or the model fails to load,
         return a worker that answers every job with the reason (on RunPod, a worker that exits at
-        start is restarted in a loop and tells callers nothing)."""
+        start is restarted in a loop and tells callers nothing). ``device``: as for ``Worker``."""
         try:
             settings = settings or Settings()
         except SettingsError as err:
@@ -103,7 +108,7 @@ class Worker:
             log.exception("The model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
-        worker = cls(settings, loaded, adapters)
+        worker = cls(settings, loaded, adapters, device=device)
         worker.ready_seconds = time.perf_counter() - started
         if worker.engine is not None:
             log.info("Ready in %.1f s (model %.1f s, engine and grammars %.1f s)",
@@ -300,6 +305,7 @@ def engine_config(settings: Settings, context_length: int) -> EngineConfig:
         attention_backend="gather" if settings.attention_backend == "auto" else settings.attention_backend,
         lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
         decode_compile="off" if settings.decode_compile == "auto" else settings.decode_compile, compile_cache_dir=str(settings.model_cache_dir / "torch_compile"),
+        overlap_steps=settings.overlap_steps == "on",
     )
 
 

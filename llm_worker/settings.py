@@ -112,6 +112,13 @@ class Settings(Environment):
         "rotary, SiLU and residual adds fused; compiled code cached under MODEL_CACHE_DIR/torch_compile; CUDA only; "
         "not yet proven on a GPU), off: the model's own modules, auto: off.",
     )
+    overlap_steps: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Launch each decoding step before the previous step's tokens are read back, so that the device "
+        "never waits for the host between steps (on; exact, proven against a simulated GPU, not yet on a real one), "
+        "or one step after the other (off); auto: off. Steps with a row under a grammar or no_repeat_ngram_size "
+        "run one after the other either way.",
+    )
     enable_prefix_cache: bool = Field(
         True, description="Reuse the keys and values of prompt blocks already computed (a shared preamble or system prompt)."
     )

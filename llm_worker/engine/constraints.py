@@ -62,6 +62,13 @@ class Grammar:
         return matcher.consume_tokens(self.tokenizer.tokenize_str(text)) and matcher.is_accepting()
 
 
+def grammar_vocab(vocab: int, tokenizer) -> int:
+    """The vocabulary grammars are compiled for and masks are laid out over: the model's, or the
+    tokenizer's when that is larger (a model whose output covers only the tokenizer's first ids;
+    masks are cut to the model's width)."""
+    return max(vocab, len(tokenizer))
+
+
 class Grammars:
     """Compiles constraints for one model's tokenizer, with a cache: the same constraint twice
     compiles once. The llguidance tokenizer (about 0.4 s here) is built once, by ``warm_up`` or at
@@ -197,8 +204,9 @@ def _first_line(message: str) -> str:
 class MaskComputer:
     """Token masks of a step's constrained rows, computed on the host while the forward runs."""
 
-    def __init__(self, vocab: int, device: torch.device) -> None:
+    def __init__(self, vocab: int, device: torch.device, width: int | None = None) -> None:
         self.vocab = vocab
+        self.width = width or vocab  # the grammars' vocabulary (``grammar_vocab``)
         self.device = device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
         self._executor = llguidance.LLExecutor()
@@ -212,7 +220,7 @@ class MaskComputer:
         return self._pool.submit(self._fill, rows, len(matchers))
 
     def _fill(self, rows: list[tuple[llguidance.LLMatcher, int]], count: int) -> torch.Tensor:
-        bitmask = llguidance.torch.allocate_token_bitmask(count, self.vocab)  # all allowed
+        bitmask = llguidance.torch.allocate_token_bitmask(count, self.width)  # all allowed
         llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
         return bitmask
 

@@ -55,12 +55,15 @@ def run_view(model: torch.nn.Module, input_ids: torch.Tensor, view: PoolView, al
 @dataclass
 class StepInputs:
     """One forward pass as the host lays it out (lists of Python ints). Block tables may be of
-    different lengths; a row reads the blocks its positions need."""
+    different lengths; a row reads the blocks its positions need. An input id ``-1 - k`` stands
+    for ``carry[k]``: a token sampled by a step still in flight, which never came to the host
+    (``with_carried``)."""
 
     input_ids: list[list[int]]
     positions: list[list[int]]
     write_index: list[int]
     block_table: list[list[int]]
+    carry: torch.Tensor | None = None  # long [n], on the device: the tokens of steps in flight
 
     @property
     def context_lengths(self) -> list[int]:
@@ -75,7 +78,18 @@ class StepInputs:
             [self.positions[i] for i in rows],
             [index for i in rows for index in self.write_index[i * width : (i + 1) * width]],
             [self.block_table[i][: blocks_for(lengths[i])] for i in rows],
+            self.carry,
         )
+
+
+def with_carried(input_ids: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+    """``input_ids`` with each ``-1 - k`` replaced by ``carry[k]`` on the device (no transfer to the
+    host). A carried ``BAD_ROW`` (-1: a row whose logits were not finite, failed when read back)
+    feeds token 0: its step's token is dropped with it."""
+    if carry is None:
+        return input_ids
+    taken = carry.clamp(min=0)[(-1 - input_ids).clamp(0, len(carry) - 1)]
+    return torch.where(input_ids < 0, taken, input_ids)
 
 
 def pad_tables(tables: list[list[int]], width: int | None = None) -> list[list[int]]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llm_worker.engine.forward import StepInputs
+from llm_worker.engine.forward import StepInputs, with_carried
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class CapturedStep:
         host = self.pinned[: count * (3 + self.blocks)].view(count, 3 + self.blocks)
         host.copy_(torch.tensor(rows, dtype=torch.long))  # the previous step's copy ended: its tokens were read
         staged = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:count, 0] = staged[:, 0]
+        self.input_ids[:count, 0] = with_carried(staged[:, 0], inputs.carry)
         self.positions[:count, 0] = staged[:, 1]
         self.write_index[:count] = staged[:, 2]
         self.block_table[:count] = staged[:, 3:]

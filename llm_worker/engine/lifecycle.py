@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
+from llm_worker.engine.host_time import HostClock, NoClock
 from llm_worker.engine.requests import Completion, Delta, Event, Failed
 from llm_worker.engine.sampler import BAD_ROW
 from llm_worker.engine.scheduler import Scheduler
@@ -32,6 +34,7 @@ class Lifecycle:
         self.device = device
         self.max_job_seconds = max_job_seconds
         self._last_progress = time.monotonic()
+        self.clock: HostClock = NoClock()
 
     def in_flight(self) -> list[Sequence]:
         s = self.scheduler
@@ -52,6 +55,7 @@ class Lifecycle:
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             self.fail([seq], f"generation failed: the answer left its grammar ({seq.matcher.get_error().splitlines()[0]})")
             return
+        self.clock.lap("accept")
         seq.text.add(token)
         if seq.text.stopped:
             self.finish(seq, "stop")
@@ -61,6 +65,7 @@ class Lifecycle:
             delta = seq.text.delta()
             if delta:
                 self.send(seq, self._delta(seq, delta))
+        self.clock.lap("text")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         rest = seq.text.delta(final=True)
@@ -88,6 +93,14 @@ class Lifecycle:
                 self.send(seq, Failed(message))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def guarded(self, seqs: list[Sequence], work: Callable[[list[Sequence]], None]) -> None:
+        """Run engine work; if it raises, fail exactly the requests it was for and keep serving."""
+        try:
+            work(seqs)
+        except Exception as err:
+            log.exception("generation failed for %d request(s)", len(seqs))
+            self.fail(seqs, f"generation failed: {type(err).__name__}: {err}")
 
     def release(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -1,9 +1,12 @@
 """The generation engine: one background thread owns the model and runs it step by step.
 
 Each step: take new requests, admit what fits, prefill a budget of prompt tokens, decode one
-token for every running request, turn the tokens into events for the callers. Each step has one
-transfer from the device: the sampled token ids. The parts live beside this module, with plain
-data passed between them:
+token for every running request, turn the tokens into events for the callers. Each launch has one
+transfer from the device: the sampled token ids. With ``OVERLAP_STEPS`` the engine launches a
+step before it reads the previous one's tokens back (``inflight.py``), so the device never waits
+for the host between steps; a step with a row whose next input needs its token on the host first
+(a grammar's mask, n-gram bans) reads everything back before it launches. The parts live beside
+this module, with plain data passed between them:
 
 - ``scheduler.py``: which requests run, under the KV budget and the batch size; chunked prefill
   under a per-step token budget, interleaved with decoding.
@@ -12,6 +15,8 @@ data passed between them:
 - ``step_sampling.py`` over ``sampler.py``: logits to token ids for all rows at once, each row with
   its own settings.
 - ``lifecycle.py`` over ``text.py``: each token accepted, text streamed, requests finished.
+- ``device.py``: the device's queue as the engine thread sees it (tokens read back, busy time);
+  ``host_time.py``: where the engine thread's time goes, for benchmarks.
 
 Faults stay with their request: a failed prefill is retried one request at a time, a decoding
 step out of memory drops the newest request, a row whose logits are not finite fails alone, a
@@ -27,15 +32,18 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import torch
 
 from llm_worker.engine.beam_search import answer_with_beams
+from llm_worker.engine.constraints import grammar_vocab
+from llm_worker.engine.device import Device, device_for
+from llm_worker.engine.host_time import HostClock, NoClock
+from llm_worker.engine.launcher import StepLauncher
 from llm_worker.engine.kv_cache import BlockAllocator
 from llm_worker.engine.lifecycle import Lifecycle
 from llm_worker.engine.memory import return_freed_memory
-from llm_worker.engine.prompt_scoring import score_chunks, wants_scores
 from llm_worker.engine.requests import (
     Completion,
     Delta,
@@ -48,8 +56,8 @@ from llm_worker.engine.requests import (
     RequestHandle,
     Sink,
 )
-from llm_worker.engine.scheduler import PrefillChunk, Scheduler, group_by_width
-from llm_worker.engine.sequence import Sequence, decode_inputs, prefill_inputs
+from llm_worker.engine.scheduler import Scheduler, group_by_width
+from llm_worker.engine.sequence import Sequence
 from llm_worker.engine.startup import capture_when_idle, start_runner
 from llm_worker.engine.step_sampling import StepSampler
 from llm_worker.model.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
@@ -66,21 +74,26 @@ class Engine:
         *,
         dtype: torch.dtype | None = None,
         adapters: AdapterManager | None = None,
+        device: Device | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config, self.adapters = model, tokenizer, config, adapters
         self.device = next(model.parameters()).device
+        self.target = device or device_for(self.device)  # the device's queue: readbacks, busy time
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab = model.get_output_embeddings().weight.shape[0]
 
-        self.runner = start_runner(model, config, self.device, dtype, self.vocab)
+        self.runner = start_runner(model, config, self.device, dtype, self.target)
         self.pool = self.runner.pool
         self.max_seq_len = min(config.max_seq_len, self.pool.capacity_tokens)
         blocks = self.pool.blocks
         self.scheduler: Scheduler[Sequence] = Scheduler(BlockAllocator(blocks), config.max_batch_size, config.max_prefill_tokens)
-        self.sampler = StepSampler(self.vocab, self.eos_ids, self.device)
+        self.sampler = StepSampler(self.vocab, self.eos_ids, self.device, grammar_vocab(self.vocab, tokenizer))
         self.life = Lifecycle(self.scheduler, self.eos_ids, self.device, config.max_job_seconds)
         self.prefix_caching = config.prefix_caching  # read at each submission (a benchmark turns it off and on)
+        self.overlap = config.overlap_steps  # read at each step
+        self.launcher = StepLauncher(self.runner, self.sampler, self.life, self.target, self.pad_id)
+        self.clock: HostClock = NoClock()
         self._ids = itertools.count(1)
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._closed = False
@@ -150,6 +163,10 @@ class Engine:
         finally:
             handle.cancel()
 
+    def measure_host(self, clock: HostClock | None) -> None:
+        """Time the engine thread's parts of each step into ``clock`` (None: stop)."""
+        self.clock = self.life.clock = self.launcher.clock = self.launcher.inflight.clock = clock or NoClock()
+
     def close(self) -> None:
         """Stop the engine; every request still in flight gets an error."""
         with self._submit_lock:
@@ -161,12 +178,15 @@ class Engine:
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         with torch.inference_mode():
-            while self._take_inbox(block=not (self.scheduler.busy or self.runner.pending)):
-                if not self.scheduler.busy and self.runner.pending:  # idle: one planned graph, then the inbox again
-                    capture_when_idle(self.runner)
-                    continue
+            while self._take_inbox(block=not (self.scheduler.busy or self.runner.pending or self.launcher.inflight)):
                 try:
-                    self._step()
+                    if self.scheduler.busy:
+                        self._step()
+                    elif self.launcher.inflight:  # tokens of requests that ended meanwhile: read back, dropped
+                        self.launcher.drain()
+                    else:  # idle: one planned graph, then the inbox again
+                        capture_when_idle(self.runner)
+                        continue
                 except Exception as err:  # a bug must cost the requests it touched, never the engine
                     log.exception("engine iteration failed")
                     self.life.fail(self.life.in_flight(), f"engine error: {type(err).__name__}: {err}")
@@ -192,15 +212,33 @@ class Engine:
             return True
 
     def _step(self) -> None:
+        """Launch this step's prefill chunks and decoding rows, then read back what earlier steps
+        launched (overlapping), or each launch as soon as it is made."""
+        self.clock.start()
         self.life.drop_cancelled_and_expired()
+        launcher = self.launcher
         for seq in self.scheduler.admit(self._adapter_ready):
             self.sampler.admit(seq)
             if seq.request.config.num_beams > 1:
-                self._guarded([seq], lambda seqs: answer_with_beams(seqs[0], self.model, self.life, self.eos_ids, self.pad_id))
-        for group in group_by_width(self.scheduler.plan_prefill()):
-            self._prefill(group)
-        if self.scheduler.running:
-            self._guarded(list(self.scheduler.running), self._decode)
+                launcher.drain()
+                self.life.guarded([seq], lambda seqs: answer_with_beams(seqs[0], self.model, self.life, self.eos_ids, self.pad_id))
+        groups = group_by_width(self.scheduler.plan_prefill())
+        overlap = self.overlap and not any(seq.host_bound for seq in (*self.scheduler.running, *self.scheduler.prefilling))
+        earlier = len(launcher.inflight) if overlap else 0
+        self.clock.lap("schedule")
+        if not overlap:
+            launcher.drain()
+        for group in groups:
+            launcher.prefill(group)
+            if not overlap:
+                launcher.drain()
+        decoding = [seq for seq in self.scheduler.running if seq.wants_token]
+        self.clock.lap("schedule")
+        if decoding:
+            self.life.guarded(decoding, launcher.decode)
+        launcher.resolve(earlier)
+        if not overlap:
+            launcher.drain()
         self.life.log_progress()
 
     def _adapter_ready(self, seq: Sequence) -> bool | None:
@@ -223,69 +261,6 @@ class Engine:
             self.model = model
             self.runner.set_model(model)
         return True
-
-    def _guarded(self, seqs: list[Sequence], work: Callable[[list[Sequence]], None]) -> None:
-        """Run engine work; if it raises, fail exactly the requests it was for and keep serving."""
-        try:
-            work(seqs)
-        except Exception as err:
-            log.exception("generation failed for %d request(s)", len(seqs))
-            self.life.fail(seqs, f"generation failed: {type(err).__name__}: {err}")
-
-    def _prefill(self, group: list[PrefillChunk[Sequence]]) -> None:
-        """One forward over prompt chunks of similar widths; if it fails, each chunk alone."""
-        try:
-            self._prefill_forward(group)
-        except Exception as err:
-            if len(group) == 1:
-                log.exception("prefill failed for %s", group[0].seq.label)
-                self.life.fail([group[0].seq], f"generation failed: {type(err).__name__}: {err}")
-                return
-            log.warning("prefill of %d prompts failed (%s); retrying them one by one", len(group), type(err).__name__)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            for chunk in group:
-                self._prefill([chunk])
-
-    def _prefill_forward(self, group: list[PrefillChunk[Sequence]]) -> None:
-        finishing = [i for i, c in enumerate(group) if c.last]
-        seqs = [group[i].seq for i in finishing]
-        sampling = self.sampler.prepare(seqs, fresh=True) if seqs else None
-        scoring = wants_scores(group)
-        logits = self.runner.run(prefill_inputs(group, self.pad_id), [c.seq.request.adapter for c in group], scoring)
-        if scoring:
-            score_chunks(group, logits, self.life.send)
-            logits = logits[:, -1]
-        for chunk in group:
-            self.scheduler.prefilled(chunk)
-        if seqs:
-            self._accept(seqs, self.sampler.sample(seqs, logits[finishing], sampling))
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        """One decoding step for every running request. Out of memory, the newest request is
-        dropped (with an error) and the step retried for the rest: the writes of a failed step
-        sit at positions the retry overwrites."""
-        while True:
-            sampling = self.sampler.prepare(seqs)  # host-to-device copies go out before the forward
-            try:
-                logits = self.runner.run(decode_inputs(seqs), [s.request.adapter for s in seqs])
-                break
-            except torch.OutOfMemoryError:
-                if len(seqs) == 1:
-                    raise
-                newest = max(seqs, key=lambda s: s.submitted)
-                log.warning("out of memory in a step of %d requests: dropping the newest", len(seqs))
-                self.life.fail([newest], "out of memory: the batch could not hold this request; retry it")
-                seqs = [s for s in seqs if s is not newest]
-        self._accept(seqs, self.sampler.sample(seqs, logits, sampling))
-
-    def _accept(self, seqs: list[Sequence], sampled: list) -> None:
-        for seq, (token, logprob) in zip(seqs, sampled):
-            if seq.finish_reason is None:  # a row failed or released earlier in this step
-                if logprob is not None:
-                    seq.logprobs.append(logprob)
-                self.life.accept(seq, token)
-
 
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()

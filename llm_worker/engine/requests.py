@@ -106,6 +106,7 @@ class EngineConfig:
     lora_backend: str = "peft"  # rows of mixed adapters: peft (its loop over adapters), triton (one batched product)
     decode_compile: str = "off"  # off, or the torch.compile backend of the decoding steps (inductor; aot_eager in tests)
     compile_cache_dir: str | None = None  # where compiled code is kept between starts (inductor's and Triton's caches)
+    overlap_steps: bool = False  # launch each step before the previous one's tokens are read back
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from llm_worker.engine.attention import (
     check_probe,
     use_pool_attention,
 )
-from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_view
+from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_view, with_carried
 from llm_worker.engine.graphs import CapturedStep, block_buckets, bucket, row_buckets
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
 from llm_worker.engine.masks import LayerWindows
@@ -62,6 +62,7 @@ class StepRunner:
         lora_kernel: bool = False,
         compile_backend: str | None = None,
         compile_cache: str | None = None,
+        graph_step=None,
     ) -> None:
         use_pool_attention(model)
         self.model = model
@@ -82,7 +83,7 @@ class StepRunner:
         self.compile_backend = compile_backend if self.static_shapes else None
         if compile_backend and not self.static_shapes:
             log.warning("DECODE_COMPILE=%s does nothing here: decoding steps are compiled for CUDA graphs only", compile_backend)
-        self.step = compiled_step(compile_backend, compile_cache) if self.compile_backend else forward_step
+        self.step = graph_step or (compiled_step(compile_backend, compile_cache) if self.compile_backend else forward_step)
         if self.compile_backend:  # the pool's shapes never change: symbolic, they would tie rows and widths to them
             for tensor in [*pool.keys, *pool.values]:
                 torch._dynamo.mark_static(tensor)
@@ -257,6 +258,7 @@ class StepRunner:
             torch.tensor(value, dtype=torch.long).to(self.device, non_blocking=True)
             for value in (inputs.input_ids, inputs.positions, inputs.write_index, pad_tables(inputs.block_table))
         ]
+        tensors[0] = with_carried(tensors[0], inputs.carry)
         with context():
             if step is not forward_step:
                 return step(self.model, self.pool, *tensors, windows=self.windows, **kwargs)
@@ -294,6 +296,7 @@ def at_least_two(inputs: StepInputs) -> StepInputs:
         [[0] * pad + positions for positions in inputs.positions],
         [index for i in range(len(inputs.input_ids)) for index in [SCRATCH_BLOCK * BLOCK_SIZE] * pad + inputs.write_index[i * (len(inputs.input_ids[0])) : (i + 1) * len(inputs.input_ids[0])]],
         pad_tables(inputs.block_table, max(2, *(len(table) for table in inputs.block_table))),
+        inputs.carry,
     )
 
 

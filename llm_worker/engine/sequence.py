@@ -38,6 +38,8 @@ class Sequence:
     matcher: LLMatcher | None = None  # where the answer stands in its grammar, when it has one
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, when the request asks
     prompt_carry: torch.Tensor | None = None  # the last chunk's last logits row: it scores the next chunk's first token
+    ahead: int = 0  # tokens sampled by steps in flight, not yet read back and accepted
+    newest: tuple[object, int] | None = None  # where the newest of those is: (its launch, its row)
 
     @classmethod
     def start(cls, id: int, request: GenerationRequest, sink: Sink, tokenizer, prefix_caching: bool) -> Sequence:
@@ -76,8 +78,18 @@ class Sequence:
 
     @property
     def position(self) -> int:
-        """Position of the newest token, the one the next decoding step feeds."""
-        return self.slot.prompt_len + len(self.generated) - 1
+        """Position of the newest token (accepted, or still in flight), the one the next decoding step feeds."""
+        return self.slot.prompt_len + len(self.generated) + self.ahead - 1
+
+    @property
+    def wants_token(self) -> bool:
+        """Whether another token may be launched for it (tokens in flight count against ``max_new_tokens``)."""
+        return len(self.generated) + self.ahead < self.slot.max_new_tokens
+
+    @property
+    def host_bound(self) -> bool:
+        """Whether its next step needs its newest token on the host first: a grammar's mask, n-gram bans."""
+        return self.matcher is not None or bool(self.params.no_repeat_ngram_size)
 
     def pool_index(self, position: int) -> int:
         """Where the token at ``position`` lives in the flat pool."""
@@ -98,11 +110,13 @@ def prefill_inputs(group: list[PrefillChunk[Sequence]], pad_id: int) -> StepInpu
     return inputs
 
 
-def decode_inputs(seqs: list[Sequence]) -> StepInputs:
-    """One decoding step: each row feeds its newest token."""
+def decode_inputs(seqs: list[Sequence], input_ids: list[int], carry: torch.Tensor | None = None) -> StepInputs:
+    """One decoding step: each row feeds its newest token, ``input_ids`` (``-1 - k``: ``carry[k]``)."""
+    positions = [s.position for s in seqs]
     return StepInputs(
-        input_ids=[[s.generated[-1]] for s in seqs],
-        positions=[[s.position] for s in seqs],
-        write_index=[s.pool_index(s.position) for s in seqs],
+        input_ids=[[token] for token in input_ids],
+        positions=[[p] for p in positions],
+        write_index=[s.pool_index(p) for s, p in zip(seqs, positions)],
         block_table=[s.slot.blocks for s in seqs],
+        carry=carry,
     )

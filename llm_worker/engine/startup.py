@@ -10,6 +10,7 @@ import time
 import torch
 
 from llm_worker.engine.attention import check_model
+from llm_worker.engine.device import Device
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for, kv_budget_blocks
 from llm_worker.engine.memory import activation_dtype, profile_peak
 from llm_worker.engine.requests import EngineConfig
@@ -35,8 +36,9 @@ class StartClock:
 
 
 
-def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch.dtype | None, vocab: int) -> StepRunner:
-    """The step runner over a KV pool sized for this device, its first graphs captured."""
+def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch.dtype | None, target: Device) -> StepRunner:
+    """The step runner over a KV pool sized for this device, its first graphs captured; ``target``
+    may fix its shapes and what its captured steps run (a simulated GPU)."""
     check_model(model)
     shape = KVShape.of(model, dtype or activation_dtype(model))
     max_blocks = blocks_for(config.max_seq_len)
@@ -45,6 +47,7 @@ def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch
     if device.type == "cuda":
         rows, width = config.max_batch_size, config.max_prefill_tokens
         kernel = config.attention_backend == "triton"
+        vocab = model.get_output_embeddings().weight.shape[0]
         reserved = profile_peak(model, shape, device, rows, width, max_blocks, vocab, kernel)
         clock.lap("memory profile")
     blocks = kv_budget_blocks(
@@ -54,9 +57,11 @@ def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch
     pool = KVPool(shape, blocks, device)
     clock.lap("KV pool")
     runner = StepRunner(
-        model, pool, device, config.max_batch_size, max_blocks, config.cuda_graphs, config.static_shapes,
+        model, pool, device, config.max_batch_size, max_blocks, config.cuda_graphs,
+        config.static_shapes if target.static_shapes is None else target.static_shapes,
         attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
         compile_backend=None if config.decode_compile == "off" else config.decode_compile, compile_cache=config.compile_cache_dir,
+        graph_step=target.graph_step,
     )
     clock.lap("probe step")
     runner.capture_at_start()

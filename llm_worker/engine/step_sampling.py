@@ -3,8 +3,9 @@ and from its tensors back to one token (and its logprobs) per row.
 
 What the sampler needs besides the logits is started before the forward: the host-to-device
 copies go out and the grammar masks of constrained rows are computed on llguidance's threads
-meanwhile. After the forward there is one transfer back: the sampled tokens (packed with their
-logprobs when a row asked for them).
+meanwhile. After the forward the sampling is launched on the device (``launch``) and leaves one
+thing to carry back: the sampled tokens (packed with their logprobs when a row asked for them),
+which the host unpacks once they arrive (``SampledRows.unpack``), maybe a step later.
 """
 
 from __future__ import annotations
@@ -28,16 +29,45 @@ class SamplingInputs:
     grammar_masks: Future[torch.Tensor] | None  # the constrained rows' masks, being computed (MaskComputer.start)
 
 
+@dataclass
+class SampledRows:
+    """A step's sampled tokens on the device (the next step's input ids may come from there), and
+    what goes back to the host: the tokens, or with logprobs one packed row each."""
+
+    tokens: torch.Tensor  # long [rows]; BAD_ROW where the logits were not finite
+    packed: torch.Tensor | None = None  # float64 [rows, 2 + 2 * top]: token, its logprob, the top logprobs, their ids
+    top: int = 0
+
+    @property
+    def outgoing(self) -> torch.Tensor:
+        """The one tensor the host reads back."""
+        return self.tokens if self.packed is None else self.packed
+
+    def unpack(self, seqs: list[Sequence], values: list) -> list[tuple[int, TokenLogprob | None]]:
+        """Each row's token, with its logprob entry when its request asked for logprobs, from
+        ``outgoing`` read back (``values``)."""
+        if self.packed is None:
+            return [(token, None) for token in values]
+        top, out = self.top, []
+        for seq, row in zip(seqs, values):
+            token, k = int(row[0]), seq.request.logprobs
+            entry = None
+            if k is not None and token != BAD_ROW:
+                entry = TokenLogprob(token, row[1], tuple(zip(map(int, row[2 + top : 2 + top + k]), row[2 : 2 + k])))
+            out.append((token, entry))
+        return out
+
+
 class StepSampler:
     """Samples a step's rows, each with its own settings; keeps the rows' parameter tensors
     while a decoding group's rows stay the same."""
 
-    def __init__(self, vocab: int, eos_ids: list[int], device: torch.device) -> None:
+    def __init__(self, vocab: int, eos_ids: list[int], device: torch.device, grammar_vocab: int | None = None) -> None:
         self.vocab = vocab
         self.device = device
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.eos_mask[[i for i in eos_ids if i < vocab]] = True
-        self.masks = MaskComputer(vocab, device)
+        self.masks = MaskComputer(vocab, device, grammar_vocab)
         self._params_cache: dict[tuple[int, ...], BatchParams] = {}
 
     def admit(self, seq: Sequence) -> None:
@@ -52,30 +82,22 @@ class StepSampler:
     def prepare(self, seqs: list[Sequence], fresh: bool = False) -> SamplingInputs:
         """Started before the forward; ``fresh``: rows that do not form a decoding group (a prefill's)."""
         params = self._params_for(seqs, fresh)
-        generated = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        generated = torch.tensor([len(s.generated) + s.ahead for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
         return SamplingInputs(params, generated, self._bans(seqs), self.masks.start([s.matcher for s in seqs]))
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor, inputs: SamplingInputs) -> list[tuple[int, TokenLogprob | None]]:
-        """Each row's token, with its logprob entry when its request asked for logprobs."""
+    def launch(self, seqs: list[Sequence], logits: torch.Tensor, inputs: SamplingInputs) -> SampledRows:
+        """Each row's token sampled on the device, packed with its logprobs when its request asked."""
         banned = inputs.banned
         if inputs.grammar_masks is not None:
             disallowed = self.masks.banned(inputs.grammar_masks)
             banned = disallowed if banned is None else banned | disallowed
         wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
         if not wanted:
-            tokens = sample(logits, inputs.params, inputs.generated, self.eos_mask, banned).tolist()  # the step's one transfer back
-            return [(token, None) for token in tokens]
+            return SampledRows(sample(logits, inputs.params, inputs.generated, self.eos_mask, banned))
         top = max(wanted)
         result = sample_with_logprobs(logits, inputs.params, inputs.generated, self.eos_mask, banned, top)
         packed = torch.cat([result[0][:, None].double(), result[1][:, None].double(), result[2].double(), result[3].double()], 1)
-        out = []
-        for seq, row in zip(seqs, packed.tolist()):  # still one transfer back
-            token, k = int(row[0]), seq.request.logprobs
-            entry = None
-            if k is not None and token != BAD_ROW:
-                entry = TokenLogprob(token, row[1], tuple(zip(map(int, row[2 + top : 2 + top + k]), row[2 : 2 + k])))
-            out.append((token, entry))
-        return out
+        return SampledRows(result[0], packed, top)
 
     def _params_for(self, seqs: list[Sequence], fresh: bool) -> BatchParams:
         """The rows' sampling tensors, rebuilt only when a decoding group's rows change. A row's
