@@ -12,7 +12,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ class RunStats:
     seconds: float
     ttft: list[float]
     latency: list[float]
+    outputs: list[str] = field(default_factory=list)  # each job's streamed text, in the jobs' order
 
     @property
     def tok_s(self) -> float:
@@ -151,10 +152,31 @@ def build_random_llama(shape: str, tokenizer_dir: Path, folder: Path, device: st
     return folder
 
 
+def random_model_folder(shape: str, device: str) -> tuple[Path, str, bool]:
+    """A LLaMA-shaped model with random weights (``build_random_llama``) in /dev/shm, built once:
+    (its folder, its dtype, whether it was built now). Later runs, and other benchmarks of a device
+    session, reuse it."""
+    import tempfile
+
+    from llm_worker.settings import Settings
+    from model_cache import is_complete_model_dir, prepare_default_model
+
+    dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    folder = shm / f"llm-worker-random-{shape}-{dtype}"  # the same seed: a later run reuses it
+    if is_complete_model_dir(folder):
+        return folder, dtype, False
+    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=shm))
+    build_random_llama(shape, prepare_default_model(Settings()), staging, device, dtype)
+    staging.rename(folder)
+    return folder, dtype, True
+
+
 async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, label: str = "engine") -> RunStats:
     """Send ``jobs`` through the handler, at most ``concurrency`` at once, streaming."""
     gate = asyncio.Semaphore(concurrency)
     ttft, latency, tokens = [], [], []
+    outputs = [""] * len(jobs)
 
     async def one(index: int, job: dict) -> None:
         async with gate:
@@ -165,6 +187,7 @@ async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, labe
                     raise RuntimeError(chunk["error"])
                 if first is None:
                     first = time.perf_counter() - t0
+                outputs[index] += chunk.get("delta", chunk.get("output", ""))
                 if "usage" in chunk:
                     tokens.append(chunk["usage"]["completion_tokens"])
             ttft.append(first)
@@ -173,7 +196,7 @@ async def run_handler(handler: Handler, jobs: list[dict], concurrency: int, labe
     started = time.perf_counter()
     await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs)))
     seconds = time.perf_counter() - started
-    return RunStats(f"{label} c={concurrency}", concurrency, len(jobs), sum(tokens), seconds, ttft, latency)
+    return RunStats(f"{label} c={concurrency}", concurrency, len(jobs), sum(tokens), seconds, ttft, latency, outputs)
 
 
 def make_random_adapters(base_model_dir: Path, folder: Path, count: int, rank: int = 8) -> list[str]:

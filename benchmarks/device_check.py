@@ -22,6 +22,9 @@ seconds, and the JSON figures the throughput runs print last. The phases, in ord
    ``generate_batch`` as the peer;
 5. ``throughput-kernels``: the same with ``ATTENTION_BACKEND=triton LORA_BACKEND=triton
    DECODE_COMPILE=inductor``, and 4 random LoRA adapters mixed;
+6. ``simulated-gpu``: ``benchmarks.simulated_gpu --real`` on the same random model: how much of the time
+   the device works with steps one after the other and overlapped (``OVERLAP_STEPS``), and whether the
+   answers are the same (on the CPU: the simulated GPU itself);
 and, only when ``--only`` names them, one part at a time: ``throughput-attention-kernel``
 (``ATTENTION_BACKEND=triton``) and ``throughput-compile`` (``DECODE_COMPILE=inductor``).
 """
@@ -137,6 +140,8 @@ def phases(shape: str, cpu: bool) -> list[tuple[str, list[str], dict, int]]:
         ("step-profile", [python, "-m", "benchmarks.step_profile", *(["--rows", "1", "4", "--context", "64"] if cpu else [])], device, 180),
         ("throughput-default", [*throughput, "--peer", "--adapters", "0"], {}, 300),
         ("throughput-kernels", [*throughput, "--no-peer", "--adapters", "4"], {**kernels, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300),
+        ("simulated-gpu", [python, "-m", "benchmarks.simulated_gpu",
+                           *(["--concurrency", "1", "8", "--requests", "8", "--max-new-tokens", "16"] if cpu else ["--real", "--shape", shape])], {}, 300),
         # one part at a time, for the table of what each bought: run only when named (--only)
         *[(f"throughput-{name}", [*throughput, "--no-peer", "--adapters", "0"], {key: value, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300)
           for name, (key, value) in {"attention-kernel": ("ATTENTION_BACKEND", "triton"), "compile": ("DECODE_COMPILE", "inductor")}.items()],
@@ -168,7 +173,7 @@ def run_phases(out: Path, shape: str, cpu: bool, only: list[str] | None) -> dict
         seconds = round(time.perf_counter() - started, 1)
         result = {"rc": rc, "seconds": seconds}
         lines = (out / f"{name}.txt").read_text(errors="replace").splitlines()
-        if name.startswith("throughput") and lines and lines[-1].startswith("{"):
+        if name.startswith(("throughput", "simulated-gpu")) and lines and lines[-1].startswith("{"):
             result["figures"] = json.loads(lines[-1])
         summary["phases"][name] = result
         print(f"{name}: {rc} in {seconds} s", flush=True)

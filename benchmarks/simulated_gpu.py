@@ -3,7 +3,8 @@
     python -m benchmarks.simulated_gpu [--concurrency 1 8 32 128] [--max-new-tokens 128] [--requests N]
                                        [--weights-ms 3.2] [--kv-bytes-per-token 524288] [--bandwidth-gb-s 4046]
                                        [--prefill-us-per-token 20]
-    python -m benchmarks.simulated_gpu --real    # on a GPU: the configured model (BASE_MODEL; device_check: a random 7B)
+    python -m benchmarks.simulated_gpu --real [--shape llama-7b]   # on a GPU: the configured model (BASE_MODEL),
+                                                                   # or a random LLaMA shape (built once in /dev/shm)
 
 A GPU works while its host lays out the next step, reads tokens back, detokenizes and streams, and
 it idles whenever the host makes it wait. What the host does per step can be measured on a CPU, if
@@ -27,12 +28,16 @@ For each concurrency, first as the engine ran before (one step after the other),
   device never waited for the host);
 - tok/s, beside the ideal of the same steps (tokens over the device's busy time), and the device's
   milliseconds per token, so a share bought with wasted steps shows;
-- the host's milliseconds per step, by part (``llm_worker/engine/host_time.py``): laying out inputs,
-  staging and launching the forward, sampling glue, accepting tokens, text and streaming,
-  scheduling, and waiting for the device.
-The last line is one JSON object: ``share_c<N>`` with overlap, ``share_c<N>_sequential`` without.
-With ``--real`` the same runs go to the real device (CUDA), whose busy time comes from events
-around each launch; that is the ``simulated-gpu`` phase of ``benchmarks.device_check``.
+- the host's milliseconds per step, by part (``llm_worker/engine/host_time.py``): scheduling, laying
+  out inputs, prompt chunks' forwards (here the stand-in's one layer, eagerly, on the CPU), staging
+  and launching decoding steps, sampling glue, accepting tokens, text and streaming, and, apart,
+  waiting for the device.
+Beside them, how many answers were the same with overlap as without (greedy: all of them, unless
+a batch's make-up changes a bf16 answer). The last line is one JSON object: ``share_c<N>`` with
+overlap, ``share_c<N>_sequential`` without, and the tok/s of each. With ``--real`` the same runs go
+to the real device (CUDA), whose busy time is the sum of the times between two events around each
+launch (an upper bound: a launch the host is slow to finish counts the device's wait in it); that
+is the ``simulated-gpu`` phase of ``benchmarks.device_check``.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ class StandInStep:
         self.table = torch.randn(rows, vocab, generator=generator) * 4
 
     def __call__(self, model, pool, input_ids, positions, write_index, block_table, **model_kwargs) -> torch.Tensor:
-        return self.table[(input_ids[:, -1] * 7919 + positions[:, -1]) % len(self.table)]
+        return self.table.index_select(0, (input_ids[:, -1] * 7919 + positions[:, -1]) % len(self.table))
 
 
 def stand_in_model(tokenizer, vocab: int = STAND_IN_VOCAB) -> torch.nn.Module:
@@ -154,7 +159,7 @@ def simulated_worker(device: SimulatedGpu, **settings):
 
     from llm_worker.model.adapters import AdapterManager
     from llm_worker.model.loading import LoadedModel
-    from llm_worker.service import Worker
+    from llm_worker.service import Worker, freeze_heap
     from llm_worker.settings import Settings
     from model_cache import prepare_default_model
 
@@ -165,6 +170,7 @@ def simulated_worker(device: SimulatedGpu, **settings):
     worker = Worker(settings, loaded, AdapterManager(settings), device=device)
     if worker.load_error:
         raise SystemExit(worker.load_error)
+    freeze_heap()  # as Worker.start does
     return worker
 
 
@@ -178,6 +184,7 @@ class Measured:
     stats: object  # benchmarks.common.RunStats
     busy: float
     host: HostClock
+    same_answers: str = ""  # with overlap: how many answers equal the sequential run's
 
     @property
     def share(self) -> float:
@@ -192,7 +199,7 @@ class Measured:
             "device_ms_per_token": round(1000 * self.busy / tokens, 4) if tokens else None,
             "steps": self.host.steps, "host_ms_per_step": round(sum(per_step.values()) - per_step["wait"], 3),
             **{f"{part}_ms": round(ms, 3) for part, ms in per_step.items()},
-            "p95_ttft_s": round(self.stats.percentile(self.stats.ttft, 0.95), 3),
+            "p95_ttft_s": round(self.stats.percentile(self.stats.ttft, 0.95), 3), "same_answers": self.same_answers,
         }
 
 
@@ -224,6 +231,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="requests per run (default: 8, or 2x the concurrency)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--real", action="store_true", help="the configured model on the real device (CUDA)")
+    parser.add_argument("--shape", choices=["llama-7b", "tiny"], help="with --real: a random-weight LLaMA shape instead")
     defaults = StepTimes()
     parser.add_argument("--weights-ms", type=float, default=defaults.weights_ms)
     parser.add_argument("--kv-bytes-per-token", type=int, default=defaults.kv_bytes_per_token)
@@ -235,8 +243,13 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def start_worker(args: argparse.Namespace):
     settings = {"max_batch_size": max(args.concurrency)}
     if args.real:
+        from benchmarks.common import random_model_folder
         from llm_worker.service import Worker
         from llm_worker.settings import Settings
+
+        if args.shape:
+            folder, dtype, _ = random_model_folder(args.shape, "cuda" if torch.cuda.is_available() else "cpu")
+            os.environ.update(BASE_MODEL=str(folder), DTYPE=dtype)
 
         worker = Worker.start(Settings(**settings))
         if worker.load_error:
@@ -259,11 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"the engine on {where}; ready in {time.perf_counter() - started:.1f} s", flush=True)
     try:
         asyncio.run(run_handler(runpod_door(worker), alpaca_workload(4, 8, fixed_length=True), 4, "warm-up"))
-        runs = []
+        runs, sequential = [], {}
         for overlap in (False, True):  # today's figure first
             for c in args.concurrency:
                 count = args.requests or max(8, 2 * c)
                 run = measure(worker, alpaca_workload(count, args.max_new_tokens, fixed_length=True), c, overlap)
+                if overlap:
+                    same = sum(a == b for a, b in zip(run.stats.outputs, sequential[c].stats.outputs))
+                    run.same_answers = f"{same}/{count}"
+                sequential.setdefault(c, run)
                 runs.append(run)
                 row = run.row()
                 print(f"{run.label} c={c}: share {row['share']:.3f}, {row['tok_s']} tok/s of {row['ideal_tok_s']} ideal, "

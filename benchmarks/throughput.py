@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.baselines import SeedProcess, run_seed_baseline, run_transformers_batch
 from benchmarks.common import (
-    build_random_llama,
+    random_model_folder,
     format_table,
     make_random_adapters,
     matmul_ceiling_tok_s,
@@ -47,7 +47,7 @@ from benchmarks.workloads import ANSWER_SCHEMA, alpaca_workload, shared_prompt_w
 from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.model.loading import weight_bytes
 from llm_worker.settings import Settings
-from model_cache import is_complete_model_dir, prepare_default_model, resolve_base_model
+from model_cache import resolve_base_model
 
 STARTED = time.perf_counter()
 
@@ -86,16 +86,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and os.environ.get("DEVICE", "auto") != "cpu" else "cpu"
     fixed_length = args.shape is not None
     if args.shape:
-        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        folder = shm / f"llm-worker-random-{args.shape}-{dtype}"  # the same seed: a later run reuses it
-        if is_complete_model_dir(folder):
-            say(f"reusing the random {args.shape} model in {folder}")
-        else:
-            staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=shm))
-            build_random_llama(args.shape, prepare_default_model(Settings()), staging, device, dtype)
-            staging.rename(folder)
-            say(f"built a random {args.shape} model in {folder} ({dtype}, {device})")
+        folder, dtype, built = random_model_folder(args.shape, device)
+        say(f"{'built' if built else 'reusing'} the random {args.shape} model in {folder} ({dtype}, {device})")
         os.environ.update(BASE_MODEL=str(folder), DTYPE=dtype)
     os.environ.setdefault("MAX_BATCH_SIZE", str(max(args.concurrency + [args.adapter_concurrency])))
     model_dir = resolve_base_model(Settings())

@@ -7,6 +7,8 @@ input is validated, prompts are built and outputs are shaped.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from llm_worker import native
-from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest
+from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, LoopSink
 from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.engine.device import Device
 from llm_worker.logs import job_log, log_refused
@@ -109,6 +111,7 @@ class Worker:
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
         worker = cls(settings, loaded, adapters, device=device)
+        freeze_heap()
         worker.ready_seconds = time.perf_counter() - started
         if worker.engine is not None:
             log.info("Ready in %.1f s (model %.1f s, engine and grammars %.1f s)",
@@ -203,7 +206,7 @@ class Worker:
         ended: dict[int, tuple[Completion | Failed, float]] = {}
         try:
             for index, request in enumerate(requests):
-                sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
+                sink = LoopSink(loop, lambda event, index=index: events.put_nowait((index, event)))
                 handles.append(self.engine.submit(request, sink))
             while len(ended) < len(requests):
                 index, event = await events.get()
@@ -289,6 +292,20 @@ class Worker:
                 yield chunk
         except EngineError as err:
             yield {"error": str(err)}
+
+
+def freeze_heap() -> None:
+    """Take what is alive once a worker has started (the model's modules, the tokenizer, the
+    libraries' objects: most of the heap) out of the cyclic garbage collector's scans
+    (``gc.freeze``, as vLLM does after its start). A full collection otherwise walks all of it
+    while holding the GIL: about 225 ms here, a stall of every stream, once every few seconds
+    under load (``benchmarks.simulated_gpu`` found it). Frozen objects are still freed when
+    nothing refers to them; only cycles among them wait for ``gc.unfreeze``, at exit at the latest
+    (else native extensions report them as leaked)."""
+    gc.collect()
+    gc.freeze()
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
 
 
 def engine_config(settings: Settings, context_length: int) -> EngineConfig:

@@ -3,6 +3,7 @@ matrix-product ceiling."""
 
 import asyncio
 import importlib.util
+import json
 import math
 import sys
 
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import DEVICE, ROOT
 
 from benchmarks import attention as attention_benchmark
-from benchmarks import device_check, step_profile, throughput
+from benchmarks import device_check, simulated_gpu, step_profile, throughput
 from benchmarks.baselines import SeedProcess
 from benchmarks.common import build_random_llama, matmul_ceiling_tok_s, median_and_quartiles, random_llama, run_alternating
 from benchmarks.throughput import format_goals, goals
@@ -98,7 +99,7 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
         planned = device_check.phases(shape, cpu)
         assert [name for name, *_ in planned] == [
             "environment", "stand-in", "kernel-tests", "attention", "step-profile", "throughput-default",
-            "throughput-kernels", "throughput-attention-kernel", "throughput-compile",
+            "throughput-kernels", "simulated-gpu", "throughput-attention-kernel", "throughput-compile",
         ]
         assert device_check.ON_REQUEST == {"throughput-attention-kernel", "throughput-compile"}
         for name, command, env, limit in planned:
@@ -111,8 +112,11 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
                 args = throughput.arguments(command[3:])
                 assert args.shape == shape and not args.structured and not args.prefix
                 assert args.concurrency == ([1, 8] if cpu else [1, 8, 32, 128])
+            if name == "simulated-gpu":
+                args = simulated_gpu.arguments(command[3:])
+                assert (args.real, args.shape) == ((False, None) if cpu else (True, shape))
         kernels = planned[6][2]
-        assert planned[7][2]["ATTENTION_BACKEND"] == "triton" and planned[8][2]["DECODE_COMPILE"] == "inductor"
+        assert planned[8][2]["ATTENTION_BACKEND"] == "triton" and planned[9][2]["DECODE_COMPILE"] == "inductor"
         assert kernels["ATTENTION_BACKEND"] == "triton" and kernels["DECODE_COMPILE"] == "inductor"
         assert (planned[2][2]["DEVICE"], "TRITON_INTERPRET" in planned[2][2]) == (("cpu", True) if cpu else ("cuda", False))
 
@@ -130,3 +134,19 @@ def test_the_step_profile_times_a_whole_step_and_ranks_what_it_runs():
     assert found["ms"] > 0 and found["kernels"] > 29
     names = {name: count for name, count, _, _ in found["top"]}
     assert names.get("aten::mm") == 29, found["top"]
+
+
+def test_the_simulated_gpu_benchmark_runs_both_ways_and_ends_with_its_figures(capsys):
+    """Steps one after the other, then overlapped, through the RunPod door on the simulated GPU:
+    a line and a table row for each, every answer the same both ways (the stand-in is greedy and
+    fp32), the host's parts per step, and the JSON figures last."""
+    simulated_gpu.main(["--concurrency", "1", "3", "--requests", "3", "--max-new-tokens", "6"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    for c in (1, 3):
+        for mode in ("", "_sequential"):
+            assert 0 < figures[f"share_c{c}{mode}"] <= 1.01 and figures[f"tok_s_c{c}{mode}"] > 0
+    rows = [line for line in lines if line.startswith("| overlapping")]
+    assert len(rows) == 2 and all("| 3/3 " in row for row in rows)
+    header = next(line for line in lines if line.startswith("| run"))
+    assert all(f"{part}_ms" in header for part in ("schedule", "layout", "launch", "sampling", "wait", "accept", "text"))

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import concurrently, job, seed_tasks, uncached
 
+from llm_worker.engine import LoopSink
 from llm_worker.engine.kv_cache import BLOCK_SIZE
 from llm_worker.service import collect
 
@@ -331,6 +332,34 @@ def test_a_caller_that_disappears_mid_stream_costs_only_its_request(fp32_worker)
         time.sleep(0.05)
     assert fp32_worker.engine.running == 0
     assert len(calls) == 3, "no event may go to a caller that is gone"
+
+
+def test_a_caller_whose_event_loop_closed_costs_only_its_request(fp32_worker):
+    """Events for callers on an event loop go over in one call a step (``LoopSink``); a loop that
+    has closed refuses them, and only its own request is dropped."""
+    engine = fp32_worker.engine
+    requests = [fp32_worker.prepare(job(t["instruction"], max_new_tokens=16))[1] for t in seed_tasks(2, skip=70)]
+    solo = [engine.generate(r).token_ids for r in requests]
+    loop = asyncio.new_event_loop()
+    delivered = []
+    gone = fp32_worker.prepare(job("Tell me a long story about dragons.", max_new_tokens=200, min_new_tokens=200))[1]
+    engine.submit(gone, LoopSink(loop, delivered.append))
+    loop.close()
+    results = [None] * 2
+
+    def run(i):
+        results[i] = engine.generate(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.token_ids for r in results] == solo
+    deadline = time.monotonic() + 30
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.running == 0 and delivered == []
 
 
 def test_close_with_jobs_in_flight_answers_each_with_an_error(started):

@@ -1,5 +1,7 @@
 """Incremental answer text: deltas that join to the answer, whole characters only, stop strings."""
 
+import random
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -111,3 +113,17 @@ def test_whitespace_before_a_held_back_stop_start_is_not_streamed(tokenizer, ans
     answer, deltas = feed(tokenizer, answer_text, "The capital of France is Paris.\n\n### Explanation: more", stops=("\n### ",))
     assert answer.stopped
     assert "".join(deltas) == answer.answer == "The capital of France is Paris."
+
+
+def test_the_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with(tokenizer):
+    """Against the definition, tried every way: random texts and stops over a small alphabet (so
+    that prefixes overlap and repeat), the stops' last characters included."""
+    rng = random.Random(0)
+    answer = AnswerText(tokenizer)
+    for _ in range(20_000):
+        stops = ["".join(rng.choice("ab#\n ") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        answer.text, answer.stops = "".join(rng.choice("ab#\n ") for _ in range(rng.randint(0, 8))), stops
+        expected = max(
+            (size for stop in stops for size in range(1, len(stop)) if answer.text.endswith(stop[:size])), default=0
+        )
+        assert answer._held_back() == expected, (answer.text, stops)

@@ -9,6 +9,7 @@ once, at the probe step of ``StepRunner``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -65,7 +66,7 @@ class StepInputs:
     block_table: list[list[int]]
     carry: torch.Tensor | None = None  # long [n], on the device: the tokens of steps in flight
 
-    @property
+    @cached_property
     def context_lengths(self) -> list[int]:
         return [max(positions) + 1 for positions in self.positions]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from llm_worker.engine.forward import StepInputs, with_carried
@@ -40,6 +41,37 @@ def block_buckets(max_blocks: int, first: int = 1, factor: int = 2) -> list[int]
     return sizes + [max_blocks]
 
 
+class Staging:
+    """Pinned host buffers that carry a captured step's inputs to the device, used in turn. With
+    overlapping steps the host lays out the next step while the device may not yet have copied the
+    last one's inputs (it is still busy with the step before), and one step may replay two graphs:
+    a buffer is written again only once the copy that read it has run (its event)."""
+
+    SLOTS = 4
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.device = device
+        cuda = device.type == "cuda"
+        self.buffers = [torch.zeros(size, dtype=torch.long, pin_memory=cuda) for _ in range(self.SLOTS if cuda else 1)]
+        self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)
+        self.turn = 0
+
+    def send(self, rows: list[list[int]]) -> torch.Tensor:
+        """``rows`` (equally long) on the device, on their way (the copy is queued, not waited for)."""
+        turn, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()
+        values = torch.from_numpy(np.array(rows, dtype=np.int64))  # numpy reads nested ints 2x faster than torch.tensor
+        host = self.buffers[turn][: values.numel()].view(values.shape)
+        host.copy_(values)
+        if self.device.type != "cuda":
+            return host
+        staged = host.to(self.device, non_blocking=True)
+        self.copied[turn] = torch.cuda.Event()
+        self.copied[turn].record()
+        return staged
+
+
 class CapturedStep:
     """A decoding step of fixed shape recorded as a CUDA graph, with its static inputs. Without
     CUDA (``StepRunner(static_shapes=True)`` on the CPU, for tests) the same static buffers and
@@ -52,7 +84,7 @@ class CapturedStep:
         self.positions = buffers["positions"][:rows]
         self.write_index = buffers["write_index"][:rows]
         self.block_table = buffers["block_table"][:rows, :blocks]
-        self.pinned = runner.pinned
+        self.staging = runner.staging
         for tensor in (self.input_ids, self.positions, self.write_index, self.block_table):
             tensor.zero_()  # padding: every write and read goes to the scratch block
         args = (runner.model, runner.pool, self.input_ids, self.positions, self.write_index, self.block_table)
@@ -79,9 +111,7 @@ class CapturedStep:
             [ids[0], pos[0], write, *table]
             for ids, pos, write, table in zip(inputs.input_ids, inputs.positions, inputs.write_index, inputs.block_table)
         ]
-        host = self.pinned[: count * (3 + self.blocks)].view(count, 3 + self.blocks)
-        host.copy_(torch.tensor(rows, dtype=torch.long))  # the previous step's copy ended: its tokens were read
-        staged = host.to(self.input_ids.device, non_blocking=True)
+        staged = self.staging.send(rows)
         self.input_ids[:count, 0] = with_carried(staged[:, 0], inputs.carry)
         self.positions[:count, 0] = staged[:, 1]
         self.write_index[:count] = staged[:, 2]

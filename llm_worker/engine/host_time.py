@@ -4,8 +4,10 @@ off unless one is given to ``Engine.measure_host``.
 The parts of a step, in the order the engine runs them:
 - ``schedule``: dropping cancelled and expired requests, admission, the prefill plan, the rows to decode;
 - ``layout``: the step's inputs as the host lays them out (token ids, positions, pool slots, block tables);
-- ``forward``: the step runner's staging of those inputs and the forward's launch (a CUDA graph's
-  replay; on the CPU the forward itself);
+- ``prefill``: a prompt chunk's forward (eager, or compiled: the host launches each of its kernels;
+  on the CPU the forward itself);
+- ``launch``: a decoding step's inputs staged for the device and its forward launched (a CUDA
+  graph's replay; on the CPU the forward itself);
 - ``sampling``: the sampler's glue (parameter tensors, its launch, unpacking what came back);
 - ``wait``: waiting for the device to hand back sampled tokens (the host idle, not working);
 - ``accept``: each token taken by its request (end token, stop tokens, grammar, length);
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-PARTS = ("schedule", "layout", "forward", "sampling", "wait", "accept", "text")
+PARTS = ("schedule", "layout", "prefill", "launch", "sampling", "wait", "accept", "text")
 
 
 class HostClock:

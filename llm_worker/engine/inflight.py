@@ -43,6 +43,7 @@ class InFlight:
         self.device = device
         self.launches: deque[Launch] = deque()
         self.clock: HostClock = NoClock()
+        self.overlapped = 0  # launches made while an earlier one was still unread (a count for tests and benchmarks)
 
     def __len__(self) -> int:
         return len(self.launches)
@@ -50,6 +51,7 @@ class InFlight:
     def launch(self, seqs: list[Sequence], sampled: SampledRows) -> None:
         """The rows' tokens are sampled (on the device): start their way back."""
         launch = Launch(seqs, sampled, self.device.readback(sampled.outgoing))
+        self.overlapped += bool(self.launches)
         for row, seq in enumerate(seqs):
             seq.ahead += 1
             seq.newest = (launch, row)

@@ -60,7 +60,7 @@ class StepLauncher:
         scoring = wants_scores(group)
         with self.device.step(inputs):
             logits = self.runner.run(inputs, [c.seq.request.adapter for c in group], scoring)
-            self.clock.lap("forward")
+            self.clock.lap("prefill")
             if scoring:
                 score_chunks(group, logits, self.life.send, lambda tensor: self.device.readback(tensor).values())
                 logits = logits[:, -1]
@@ -81,7 +81,7 @@ class StepLauncher:
             try:
                 with self.device.step(inputs):
                     logits = self.runner.run(inputs, [s.request.adapter for s in seqs])
-                    self.clock.lap("forward")
+                    self.clock.lap("launch")
                     self._launch(seqs, logits, sampling)
                 return
             except torch.OutOfMemoryError:

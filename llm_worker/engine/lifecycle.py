@@ -8,6 +8,7 @@ whose logits are not finite fails alone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from llm_worker.engine.host_time import HostClock, NoClock
-from llm_worker.engine.requests import Completion, Delta, Event, Failed
+from llm_worker.engine.requests import Completion, Delta, Event, Failed, LoopSink, Sink
 from llm_worker.engine.sampler import BAD_ROW
 from llm_worker.engine.scheduler import Scheduler
 from llm_worker.engine.sequence import Sequence
@@ -35,6 +36,7 @@ class Lifecycle:
         self.max_job_seconds = max_job_seconds
         self._last_progress = time.monotonic()
         self.clock: HostClock = NoClock()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Sink, Event]]] = {}  # until ``flush``
 
     def in_flight(self) -> list[Sequence]:
         s = self.scheduler
@@ -107,13 +109,33 @@ class Lifecycle:
         self.scheduler.release(seq)
 
     def send(self, seq: Sequence, event: Event) -> None:
-        """Hand an event to the caller; a caller that is gone cancels its request, nothing more."""
+        """Hand an event to the caller (a caller on an event loop: at the next ``flush``); a caller
+        that is gone cancels its request, nothing more."""
+        sink = seq.sink
+        if isinstance(sink, LoopSink):
+            self._outbox.setdefault(sink.loop, []).append((seq, sink.put, event))
+            return
         try:
-            seq.sink(event)
+            sink(event)
         except Exception as err:
-            log.warning("%s: its caller is gone (%s); dropping it", seq.label, type(err).__name__)
-            seq.handle.cancel()
-            self.release(seq, "cancelled")
+            self._gone(seq, err)
+
+    def flush(self) -> None:
+        """Hand the events gathered for callers on event loops over: one call to each loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(put, event) for _, put, event in items])
+            except Exception as err:  # the loop is closed: every caller on it is gone
+                for seq in dict.fromkeys(seq for seq, _, _ in items):
+                    self._gone(seq, err)
+
+    def _gone(self, seq: Sequence, err: Exception) -> None:
+        log.warning("%s: its caller is gone (%s); dropping it", seq.label, type(err).__name__)
+        seq.handle.cancel()
+        self.release(seq, "cancelled")
 
     @staticmethod
     def _delta(seq: Sequence, text: str) -> Delta:
@@ -140,3 +162,9 @@ class Lifecycle:
                 "%s: %d of %d tokens after %.0f s (%.1f tokens/s)",
                 seq.label, len(seq.generated), seq.slot.max_new_tokens, elapsed, len(seq.generated) / elapsed,
             )
+
+
+def _deliver(items: list[tuple[Sink, Event]]) -> None:
+    """On a caller's event loop: a step's events, in order."""
+    for put, event in items:
+        put(event)

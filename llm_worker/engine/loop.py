@@ -53,6 +53,7 @@ from llm_worker.engine.requests import (
     Event,
     Failed,
     GenerationRequest,
+    LoopSink,
     RequestHandle,
     Sink,
 )
@@ -153,7 +154,7 @@ class Engine:
         cancels the request, which frees its batch row and KV blocks at the next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        handle = self.submit(request, LoopSink(loop, events.put_nowait))
         try:
             while True:
                 event = await events.get()
@@ -190,6 +191,8 @@ class Engine:
                 except Exception as err:  # a bug must cost the requests it touched, never the engine
                     log.exception("engine iteration failed")
                     self.life.fail(self.life.in_flight(), f"engine error: {type(err).__name__}: {err}")
+                self.life.flush()
+                self.clock.lap("text")
                 if not self.scheduler.busy:
                     return_freed_memory(self.device)
             leftovers = self.life.in_flight()
@@ -198,6 +201,7 @@ class Engine:
                 if item is not None:
                     leftovers.append(item)
             self.life.fail(leftovers, "the worker is shutting down: this request was not finished; retry it")
+            self.life.flush()
 
     def _take_inbox(self, block: bool) -> bool:
         """Move new requests to the waiting line; False when the engine is asked to stop."""

@@ -4,6 +4,7 @@ snapshot of its load."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ __all__ = [
     "Event",
     "Failed",
     "GenerationRequest",
+    "LoopSink",
     "RequestHandle",
     "Sink",
     "TokenLogprob",
@@ -75,6 +77,19 @@ class Failed:
 
 Event = Delta | Completion | Failed
 Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class LoopSink:
+    """A caller on an asyncio event loop, a ``Sink`` the engine batches: the events of one step for
+    every such caller of a loop are handed over in one call, so the loop is woken once a step,
+    not once a token (``Lifecycle.flush``). Called directly, it hands one event over."""
+
+    loop: asyncio.AbstractEventLoop
+    put: Callable[[Event], None]  # runs on the loop
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.put, event)
 
 
 class EngineError(RuntimeError):

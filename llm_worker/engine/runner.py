@@ -33,7 +33,7 @@ from llm_worker.engine.attention import (
     use_pool_attention,
 )
 from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_view, with_carried
-from llm_worker.engine.graphs import CapturedStep, block_buckets, bucket, row_buckets
+from llm_worker.engine.graphs import CapturedStep, Staging, block_buckets, bucket, row_buckets
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
 from llm_worker.engine.masks import LayerWindows
 from llm_worker.model.loading import weight_bytes
@@ -103,9 +103,7 @@ class StepRunner:
                 "write_index": torch.zeros(max_rows, **long),
                 "block_table": torch.zeros((max_rows, max_blocks), **long),
             }
-            self.pinned = torch.zeros(max_rows * (3 + max_blocks), dtype=torch.long)
-            if device.type == "cuda":
-                self.pinned = self.pinned.pin_memory()
+            self.staging = Staging(max_rows * (3 + max_blocks), device)
 
     def _probe(self) -> None:
         """One step of one token on the scratch block: every layer must read through the pool
@@ -224,9 +222,9 @@ class StepRunner:
                 [list(range(len(lengths)))] if self.windows.all_in_kernel
                 else split_by_context(lengths, self.pool.shape.bytes_per_token, self.weight_bytes)
             )
+            if len(groups) == 1:  # every row, in order: tables are cut to what the rows read (``decode_inputs``)
+                return self._replay(inputs, key, context, kwargs, adapters)
             parts = [self._replay(inputs.take(group), key, context, kwargs, [adapters[i] for i in group]) for group in groups]
-            if len(parts) == 1:
-                return parts[0]
             return self._in_order(torch.cat(parts), [i for group in groups for i in group])
         ordered = inputs.take(order)
         segments = plan_segments([len(table) for table in ordered.block_table])

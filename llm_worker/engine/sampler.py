@@ -87,8 +87,8 @@ class BatchParams:
         cls, params: Seq[SamplingParams], seen_rows: list[torch.Tensor] | None, device: torch.device,
         count_rows: list[torch.Tensor] | None = None, vocab: int = 0,
     ) -> BatchParams:
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+        def tensor(values, dtype):  # made on the host, copied without a wait: no sync with steps in flight
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         def rows(indices):
             return tensor(indices, torch.long) if indices else None

@@ -111,12 +111,13 @@ def prefill_inputs(group: list[PrefillChunk[Sequence]], pad_id: int) -> StepInpu
 
 
 def decode_inputs(seqs: list[Sequence], input_ids: list[int], carry: torch.Tensor | None = None) -> StepInputs:
-    """One decoding step: each row feeds its newest token, ``input_ids`` (``-1 - k``: ``carry[k]``)."""
+    """One decoding step: each row feeds its newest token, ``input_ids`` (``-1 - k``: ``carry[k]``),
+    and reads the blocks its context fills."""
     positions = [s.position for s in seqs]
     return StepInputs(
         input_ids=[[token] for token in input_ids],
         positions=[[p] for p in positions],
         write_index=[s.pool_index(p) for s, p in zip(seqs, positions)],
-        block_table=[s.slot.blocks for s in seqs],
+        block_table=[s.slot.blocks[: p // BLOCK_SIZE + 1] for s, p in zip(seqs, positions)],
         carry=carry,
     )

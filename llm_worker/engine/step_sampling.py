@@ -75,7 +75,8 @@ class StepSampler:
         with OpenAI's penalties counts the tokens it generates."""
         if seq.params.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-            seq.seen[[t for t in seq.request.prompt_ids if t < self.vocab]] = True
+            prompt = torch.tensor([t for t in seq.request.prompt_ids if t < self.vocab], dtype=torch.long)
+            seq.seen[prompt.to(self.device, non_blocking=True)] = True  # a list index would be copied with a wait
         if seq.params.counts_tokens:
             seq.counts = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
 

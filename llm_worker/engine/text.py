@@ -100,11 +100,16 @@ class AnswerText:
         return piece
 
     def _held_back(self) -> int:
-        """Length of the tail that could still become the start of a stop string."""
-        held = 0
+        """Length of the tail that could still become the start of a stop string. Such a tail ends
+        with the text's last character: only the stops' prefixes that end with it are tried."""
+        held, last = 0, self.text[-1:]
+        if not last:
+            return 0
         for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:size]):
-                    held = size
+            end = stop.rfind(last, 0, min(len(stop) - 1, len(self.text)))
+            while end + 1 > held:
+                if self.text.endswith(stop[: end + 1]):
+                    held = end + 1
                     break
+                end = stop.rfind(last, 0, end)
         return held

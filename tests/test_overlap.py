@@ -1,0 +1,229 @@
+"""Overlapping steps (``OVERLAP_STEPS``): each step launched before the previous one's tokens are
+read back. Every caller sees exactly what it sees without them, chunk for chunk, on the CPU and on
+a simulated GPU (the real embedded model in CUDA graphs' fixed shapes, each step timed by a queue
+that makes the host wait for its tokens), through the RunPod door and the HTTP server.
+
+One burst of jobs covers greedy, seeded sampling, stop strings, ``max_new_tokens``, the end token,
+logprobs, penalties kept on the device, structured output and n-gram bans (steps that run one
+after the other while they are in the batch), mixed adapters, a shared prefix (the prefix cache),
+a job cancelled mid-stream and a job that fails alone (non-finite logits). fp32: a batch does not
+change an answer, so what differs is the overlap's doing.
+"""
+
+import asyncio
+import contextlib
+import shutil
+import time
+
+import pytest
+import torch
+from conftest import running, seed_tasks, uncached
+from openai import AsyncOpenAI
+
+from benchmarks.simulated_gpu import SimulatedGpu, StepTimes
+from llm_worker.doors import jobs
+from llm_worker.doors.app import create_app
+from llm_worker.engine.forward import StepInputs, with_carried
+from llm_worker.service import Worker, engine_config
+from llm_worker.settings import ServerSettings, Settings
+
+POISON = "Zebra-quokka-poison"  # a prompt whose logits the patched forward makes NaN
+SHARED = "You are the help desk of a large library. Answer briefly and kindly, in plain words. " * 5
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}}, "required": ["answer"]}
+CANCEL_AFTER = 2  # chunks the cancelling caller reads before it leaves
+
+
+def event(instruction: str, stream: bool = True, adapter: str | None = None, **generation) -> dict:
+    job = {"prompt_config": {"instruction": instruction}, "generation_config": generation, "stream": stream}
+    return {**job, "adapter": adapter} if adapter else job
+
+
+def burst() -> dict[str, dict]:
+    tasks = [task["instruction"] for task in seed_tasks(8, skip=20)]
+    return {
+        "greedy": event(tasks[0], max_new_tokens=28),
+        "greedy, alpaca input": event(tasks[1], max_new_tokens=28),
+        "seeded": event(tasks[2], max_new_tokens=28, temperature=0.9, top_p=0.9, seed=7),
+        "stop string": event(tasks[3], max_new_tokens=28, stop=["e"]),
+        "max_new_tokens": event(tasks[4], max_new_tokens=5),
+        "end token": {**event("What is the capital of France?", max_new_tokens=120), "prompt_config": {
+            "instruction": "What is the capital of France?", "stop_at_section": False}},
+        "logprobs": event(tasks[5], max_new_tokens=20, logprobs=2),
+        "penalties": event(tasks[6], max_new_tokens=24, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3),
+        "json schema": event(tasks[7], max_new_tokens=12, json_schema=ANSWER),
+        "n-gram bans": event(tasks[0], max_new_tokens=10, no_repeat_ngram_size=2),
+        "pirate": event(tasks[1], max_new_tokens=16, adapter="pirate"),
+        "robot": event(tasks[2], max_new_tokens=16, adapter="robot"),
+        "prefix a": event(SHARED + "Where are the maps?", max_new_tokens=16),
+        "prefix b": event(SHARED + "When do you open?", max_new_tokens=16),
+        "fails alone": event(POISON, max_new_tokens=16),
+        "cancelled": event(tasks[3], max_new_tokens=60),
+    }
+
+
+async def consume(worker, name: str, job: dict) -> list:
+    """The job's chunks through the RunPod door; the cancelling caller leaves after a few."""
+    chunks = []
+    async with contextlib.aclosing(jobs.handle(worker, job, f"overlap-{name}")) as outputs:
+        async for chunk in outputs:
+            chunks.append(chunk)
+            if name == "cancelled" and len(chunks) == CANCEL_AFTER:
+                break
+    return uncached(chunks)
+
+
+def run_burst(worker, overlap: bool) -> dict[str, list]:
+    worker.engine.overlap = overlap
+    jobs_ = burst()
+
+    async def everything():
+        results = await asyncio.gather(*(consume(worker, name, job) for name, job in jobs_.items()))
+        return dict(zip(jobs_, results))
+
+    try:
+        results = asyncio.run(everything())
+        deadline = time.monotonic() + 60
+        while (worker.engine.running or worker.engine.launcher.inflight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.engine.running == 0, "the cancelled job must leave the batch"
+        return results
+    finally:
+        worker.engine.overlap = False
+
+
+def poisoned(worker) -> Worker:
+    """NaN logits for every row whose input holds the poison prompt (through PEFT as well)."""
+    model = worker.loaded.model
+    poison = worker.loaded.tokenizer(POISON, add_special_tokens=False)["input_ids"]
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        output = original(*args, **kwargs)
+        for row, ids in enumerate(kwargs["input_ids"].tolist()):
+            if any(ids[i : i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1)):
+                output.logits[row] = float("nan")
+        return output
+
+    model.forward = forward
+    return worker
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, pirate_adapter, robot_adapter):
+    folder = tmp_path_factory.mktemp("overlap-adapters")
+    for adapter in (pirate_adapter, robot_adapter):
+        shutil.copytree(adapter, folder / adapter.name)
+    return folder
+
+
+def settings(adapter_dir) -> Settings:
+    return Settings(dtype="float32", adapter_dir=adapter_dir, max_prefill_tokens=64, kv_cache_tokens=8192, max_batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def cpu_worker(adapter_dir, base_model_dir):
+    worker = poisoned(Worker.start(settings(adapter_dir)))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def simulated_worker(adapter_dir, base_model_dir):
+    """The real model on a simulated GPU whose steps take 30 ms each: the host waits for tokens."""
+    worker = poisoned(Worker.start(settings(adapter_dir), device=SimulatedGpu(StepTimes(weights_ms=30.0))))
+    yield worker
+    worker.close()
+
+
+def check_coverage(results: dict[str, list]) -> None:
+    """The burst did what it claims: each case ended as it should."""
+    reason = {name: chunks[-1].get("finish_reason") for name, chunks in results.items()}
+    assert reason["stop string"] == "stop" and reason["max_new_tokens"] == "length" and reason["end token"] == "eos"
+    assert "non-finite logits" in results["fails alone"][-1]["error"]
+    assert len(results["cancelled"]) == CANCEL_AFTER
+    assert all("logprobs" in chunk for chunk in results["logprobs"] if chunk.get("delta"))
+    assert all(not chunk.get("error") for name, chunks in results.items() if name != "fails alone" for chunk in chunks)
+
+
+@pytest.mark.parametrize("where", ["cpu", "simulated GPU"])
+def test_overlapping_steps_give_every_caller_the_same_chunks(where, cpu_worker, simulated_worker):
+    worker = cpu_worker if where == "cpu" else simulated_worker
+    inflight = worker.engine.launcher.inflight
+    before = inflight.overlapped
+    sequential = run_burst(worker, overlap=False)
+    assert inflight.overlapped == before, "one step after the other: every launch read back before the next"
+    overlapping = run_burst(worker, overlap=True)
+    check_coverage(sequential)
+    assert overlapping == sequential
+    assert inflight.overlapped > before, "no step was launched before the previous one was read"
+
+
+def test_the_simulated_gpu_answers_as_the_cpu(cpu_worker, simulated_worker):
+    """Its fixed shapes (rows and contexts padded, carried tokens written into the captured step's
+    buffers) change no answer in fp32."""
+    job = event(seed_tasks(1, skip=30)[0]["instruction"], max_new_tokens=20)
+    simulated_worker.engine.overlap = True
+    try:
+        assert asyncio.run(consume(simulated_worker, "one", job)) == asyncio.run(consume(cpu_worker, "one", job))
+    finally:
+        simulated_worker.engine.overlap = False
+
+
+def test_the_http_door_streams_the_same_chat_with_and_without_overlap(simulated_worker):
+    questions = [task["instruction"] for task in seed_tasks(4, skip=40)]
+
+    async def chats(url):
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+
+        async def one(question, seed):
+            stream = await client.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": question}], max_tokens=16, stream=True,
+                temperature=0.8, seed=seed, logprobs=True, top_logprobs=1,
+            )
+            return [(c.choices[0].delta.content, c.choices[0].finish_reason) async for c in stream if c.choices]
+
+        async with client:
+            return await asyncio.gather(*(one(q, i) for i, q in enumerate(questions)))
+
+    with running(create_app(simulated_worker, ServerSettings())) as url:
+        results = {}
+        for overlap in (False, True):
+            simulated_worker.engine.overlap = overlap
+            try:
+                results[overlap] = asyncio.run(chats(url))
+            finally:
+                simulated_worker.engine.overlap = False
+    assert results[True] == results[False]
+    assert all(chunks[-1][1] in ("stop", "length") for chunks in results[True])
+
+
+def test_a_carried_token_is_read_from_the_device_where_the_input_id_points():
+    carry = torch.tensor([11, -1, 13])  # -1: a row whose logits were not finite
+    ids = torch.tensor([[5], [-1], [-2], [-3]])
+    assert with_carried(ids, carry).tolist() == [[5], [11], [0], [13]]
+    assert with_carried(ids, None) is ids
+
+
+def test_the_simulated_gpu_returns_from_a_launch_at_once_and_makes_a_read_wait_for_the_step():
+    times = StepTimes(weights_ms=500.0, kv_bytes_per_token=1000, bandwidth_gb_s=1.0)  # 1 us a token of context
+    gpu = SimulatedGpu(times)
+    step = StepInputs([[1], [2]], [[99], [199]], [0, 0], [[1], [2]])  # contexts of 100 and 200 tokens
+    seconds = times.seconds(step)
+    assert seconds == pytest.approx(0.5 + 300e-6)
+    started = time.perf_counter()
+    with gpu.step(step):
+        first = gpu.readback(torch.tensor([7, 8]))
+    with gpu.step(step):
+        second = gpu.readback(torch.tensor([9]))
+    assert time.perf_counter() < first.ready_at, "the launches returned before the first step's work was done"
+    assert first.ready_at >= started + seconds and second.ready_at >= first.ready_at + seconds, "steps run one after the other"
+    assert second.values() == [9]
+    assert time.perf_counter() >= second.ready_at, "reading a step's tokens waits for its end"
+    assert first.values() == [7, 8]
+    assert gpu.busy_seconds() == pytest.approx(2 * seconds)
+
+
+def test_overlapping_steps_are_a_setting_off_unless_asked_for():
+    assert engine_config(Settings(overlap_steps="on"), 4096).overlap_steps
+    assert not engine_config(Settings(overlap_steps="auto"), 4096).overlap_steps
+    assert not engine_config(Settings(overlap_steps="off"), 4096).overlap_steps
