@@ -159,7 +159,8 @@ def simulated_worker(device: SimulatedGpu, **settings):
 
     from llm_worker.model.adapters import AdapterManager
     from llm_worker.model.loading import LoadedModel
-    from llm_worker.service import Worker, freeze_heap
+    from llm_worker.engine.memory import freeze_heap
+    from llm_worker.service import Worker
     from llm_worker.settings import Settings
     from model_cache import prepare_default_model
 

@@ -7,8 +7,6 @@ input is validated, prompts are built and outputs are shaped.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +18,7 @@ from llm_worker import native
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, LoopSink
 from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.engine.device import Device
+from llm_worker.engine.memory import freeze_heap
 from llm_worker.logs import job_log, log_refused
 from llm_worker.model.adapters import AdapterError, AdapterManager
 from llm_worker.model.loading import LoadedModel, adapter_name, load_model
@@ -292,20 +291,6 @@ class Worker:
                 yield chunk
         except EngineError as err:
             yield {"error": str(err)}
-
-
-def freeze_heap() -> None:
-    """Take what is alive once a worker has started (the model's modules, the tokenizer, the
-    libraries' objects: most of the heap) out of the cyclic garbage collector's scans
-    (``gc.freeze``, as vLLM does after its start). A full collection otherwise walks all of it
-    while holding the GIL: about 225 ms here, a stall of every stream, once every few seconds
-    under load (``benchmarks.simulated_gpu`` found it). Frozen objects are still freed when
-    nothing refers to them; only cycles among them wait for ``gc.unfreeze``, at exit at the latest
-    (else native extensions report them as leaked)."""
-    gc.collect()
-    gc.freeze()
-    atexit.unregister(gc.unfreeze)
-    atexit.register(gc.unfreeze)
 
 
 def engine_config(settings: Settings, context_length: int) -> EngineConfig:

@@ -243,3 +243,27 @@ def uncached(value):
     if isinstance(value, list):
         return [uncached(item) for item in value]
     return value
+
+
+POISON = "Zebra-quokka-poison"  # a prompt whose rows ``nan_logits`` poisons
+
+
+@contextmanager
+def nan_logits(model, tokenizer, poison: str = POISON):
+    """The model's logits NaN for every row whose input holds ``poison``'s tokens (through PEFT
+    as well: its layers call this model's forward)."""
+    ids = tokenizer(poison, add_special_tokens=False)["input_ids"]
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        output = original(*args, **kwargs)
+        for row, tokens in enumerate(kwargs["input_ids"].tolist()):
+            if any(tokens[i : i + len(ids)] == ids for i in range(len(tokens) - len(ids) + 1)):
+                output.logits[row] = float("nan")
+        return output
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward

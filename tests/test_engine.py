@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import concurrently, job, seed_tasks, uncached
+from conftest import POISON, concurrently, job, nan_logits, seed_tasks, uncached
 
 from llm_worker.engine import LoopSink
 from llm_worker.engine.kv_cache import BLOCK_SIZE
@@ -279,78 +279,32 @@ def test_a_running_stream_keeps_moving_while_a_burst_of_long_prompts_is_prefille
 @pytest.fixture
 def nan_for_poison(fp32_worker):
     """Make the model's logits NaN for rows whose input holds a poison token sequence."""
-    model = fp32_worker.loaded.model
-    poison = fp32_worker.loaded.tokenizer("Zebra-quokka-poison", add_special_tokens=False)["input_ids"]
-    original = model.forward
-
-    def forward(*args, **kwargs):
-        output = original(*args, **kwargs)
-        for row, ids in enumerate(kwargs["input_ids"].tolist()):
-            if any(ids[i : i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1)):
-                output.logits[row] = float("nan")
-        return output
-
-    model.forward = forward
-    yield
-    del model.forward
+    with nan_logits(fp32_worker.loaded.model, fp32_worker.loaded.tokenizer):
+        yield
 
 
 def test_nan_logits_fail_only_their_row(fp32_worker, nan_for_poison):
     requests = [job(t["instruction"], max_new_tokens=20) for t in seed_tasks(3, skip=50)]
     solo = [fp32_worker.complete(r) for r in requests]
-    results = concurrently(fp32_worker, [*requests, job("Zebra-quokka-poison", max_new_tokens=20)])
+    results = concurrently(fp32_worker, [*requests, job(POISON, max_new_tokens=20)])
     assert uncached(results[:3]) == uncached(solo)
     assert "non-finite logits" in results[3]["error"]
     assert uncached(fp32_worker.complete(requests[0])) == uncached(solo[0])
 
 
-def test_a_caller_that_disappears_mid_stream_costs_only_its_request(fp32_worker):
-    requests = [fp32_worker.prepare(job(t["instruction"], max_new_tokens=24))[1] for t in seed_tasks(3, skip=60)]
-    solo = [fp32_worker.engine.generate(r) for r in requests]
-    gone = fp32_worker.prepare(job("Tell me a long story about dragons.", max_new_tokens=200, min_new_tokens=200))[1]
-    calls = []
-
-    def vanishing_sink(event):
-        calls.append(event)
-        if len(calls) >= 3:
-            raise RuntimeError("Event loop is closed")  # what a sink whose caller has gone raises
-
-    fp32_worker.engine.submit(gone, vanishing_sink)
-    results = [None] * 3
-
-    def run(i):
-        results[i] = fp32_worker.engine.generate(requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert [r.token_ids for r in results] == [s.token_ids for s in solo]
-    deadline = time.monotonic() + 5
-    while fp32_worker.engine.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fp32_worker.engine.running == 0
-    assert len(calls) == 3, "no event may go to a caller that is gone"
-
-
-def test_a_caller_whose_event_loop_closed_costs_only_its_request(fp32_worker):
-    """Events for callers on an event loop go over in one call a step (``LoopSink``); a loop that
-    has closed refuses them, and only its own request is dropped."""
-    engine = fp32_worker.engine
-    requests = [fp32_worker.prepare(job(t["instruction"], max_new_tokens=16))[1] for t in seed_tasks(2, skip=70)]
+def others_answer_as_alone_beside_a_caller_that_is_gone(worker, sink, skip: int) -> None:
+    """Three requests answer as they do alone while a long request whose caller is gone (its
+    ``sink`` fails) runs beside them, and the engine drops that request."""
+    engine = worker.engine
+    requests = [worker.prepare(job(t["instruction"], max_new_tokens=20))[1] for t in seed_tasks(3, skip=skip)]
     solo = [engine.generate(r).token_ids for r in requests]
-    loop = asyncio.new_event_loop()
-    delivered = []
-    gone = fp32_worker.prepare(job("Tell me a long story about dragons.", max_new_tokens=200, min_new_tokens=200))[1]
-    engine.submit(gone, LoopSink(loop, delivered.append))
-    loop.close()
-    results = [None] * 2
+    engine.submit(worker.prepare(job("Tell me a long story about dragons.", max_new_tokens=200, min_new_tokens=200))[1], sink)
+    results = [None] * 3
 
     def run(i):
         results[i] = engine.generate(requests[i])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -359,7 +313,29 @@ def test_a_caller_whose_event_loop_closed_costs_only_its_request(fp32_worker):
     deadline = time.monotonic() + 30
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.running == 0 and delivered == []
+    assert engine.running == 0
+
+
+def test_a_caller_that_disappears_mid_stream_costs_only_its_request(fp32_worker):
+    calls = []
+
+    def vanishing_sink(event):
+        calls.append(event)
+        if len(calls) >= 3:
+            raise RuntimeError("Event loop is closed")  # what a sink whose caller has gone raises
+
+    others_answer_as_alone_beside_a_caller_that_is_gone(fp32_worker, vanishing_sink, skip=60)
+    assert len(calls) == 3, "no event may go to a caller that is gone"
+
+
+def test_a_caller_whose_event_loop_closed_costs_only_its_request(fp32_worker):
+    """Events for callers on an event loop go over in one call a step (``LoopSink``); a loop that
+    has closed refuses them, and only its own request is dropped."""
+    loop = asyncio.new_event_loop()
+    delivered = []
+    loop.close()
+    others_answer_as_alone_beside_a_caller_that_is_gone(fp32_worker, LoopSink(loop, delivered.append), skip=70)
+    assert delivered == []
 
 
 def test_close_with_jobs_in_flight_answers_each_with_an_error(started):

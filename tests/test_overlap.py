@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import running, seed_tasks, uncached
+from conftest import POISON, nan_logits, running, seed_tasks, uncached
 from openai import AsyncOpenAI
 
 from benchmarks.simulated_gpu import SimulatedGpu, StepTimes
@@ -27,7 +27,6 @@ from llm_worker.engine.forward import StepInputs, with_carried
 from llm_worker.service import Worker, engine_config
 from llm_worker.settings import ServerSettings, Settings
 
-POISON = "Zebra-quokka-poison"  # a prompt whose logits the patched forward makes NaN
 SHARED = "You are the help desk of a large library. Answer briefly and kindly, in plain words. " * 5
 ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}}, "required": ["answer"]}
 CANCEL_AFTER = 2  # chunks the cancelling caller reads before it leaves
@@ -91,23 +90,6 @@ def run_burst(worker, overlap: bool) -> dict[str, list]:
         worker.engine.overlap = False
 
 
-def poisoned(worker) -> Worker:
-    """NaN logits for every row whose input holds the poison prompt (through PEFT as well)."""
-    model = worker.loaded.model
-    poison = worker.loaded.tokenizer(POISON, add_special_tokens=False)["input_ids"]
-    original = model.forward
-
-    def forward(*args, **kwargs):
-        output = original(*args, **kwargs)
-        for row, ids in enumerate(kwargs["input_ids"].tolist()):
-            if any(ids[i : i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1)):
-                output.logits[row] = float("nan")
-        return output
-
-    model.forward = forward
-    return worker
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, pirate_adapter, robot_adapter):
     folder = tmp_path_factory.mktemp("overlap-adapters")
@@ -120,19 +102,22 @@ def settings(adapter_dir) -> Settings:
     return Settings(dtype="float32", adapter_dir=adapter_dir, max_prefill_tokens=64, kv_cache_tokens=8192, max_batch_size=32)
 
 
+def serving(worker):
+    """``worker`` with NaN logits for the poison prompt, closed at the end."""
+    with nan_logits(worker.loaded.model, worker.loaded.tokenizer):
+        yield worker
+    worker.close()
+
+
 @pytest.fixture(scope="module")
 def cpu_worker(adapter_dir, base_model_dir):
-    worker = poisoned(Worker.start(settings(adapter_dir)))
-    yield worker
-    worker.close()
+    yield from serving(Worker.start(settings(adapter_dir)))
 
 
 @pytest.fixture(scope="module")
 def simulated_worker(adapter_dir, base_model_dir):
     """The real model on a simulated GPU whose steps take 30 ms each: the host waits for tokens."""
-    worker = poisoned(Worker.start(settings(adapter_dir), device=SimulatedGpu(StepTimes(weights_ms=30.0))))
-    yield worker
-    worker.close()
+    yield from serving(Worker.start(settings(adapter_dir), device=SimulatedGpu(StepTimes(weights_ms=30.0))))
 
 
 def check_coverage(results: dict[str, list]) -> None:

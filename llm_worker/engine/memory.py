@@ -1,10 +1,13 @@
 """Memory around the KV pool: how much a worst-case step needs on a GPU before the pool is
-sized (vLLM's profile run), and giving a burst's buffers back on an idle CPU worker."""
+sized (vLLM's profile run), and giving a burst's buffers back on an idle CPU worker; and the
+heap taken out of the garbage collector's scans once a worker has started."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import gc
 import logging
 import sys
 
@@ -55,3 +58,17 @@ def activation_dtype(model) -> torch.dtype:
     """The dtype most of the model's floating-point weights have: the keys' and values' dtype."""
     floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
     return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def freeze_heap() -> None:
+    """Take what is alive once a worker has started (the model's modules, the tokenizer, the
+    libraries' objects: most of the heap) out of the cyclic garbage collector's scans
+    (``gc.freeze``, as vLLM does after its start). A full collection otherwise walks all of it
+    while holding the GIL: about 225 ms here, a stall of every stream, once every few seconds
+    under load (``benchmarks.simulated_gpu`` found it). Frozen objects are still freed when
+    nothing refers to them; only cycles among them wait for ``gc.unfreeze``, at exit at the latest
+    (else native extensions report them as leaked)."""
+    gc.collect()
+    gc.freeze()
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
