@@ -143,6 +143,31 @@ def test_overlapping_steps_give_every_caller_the_same_chunks(where, cpu_worker, 
     assert inflight.overlapped > before, "no step was launched before the previous one was read"
 
 
+def test_an_adapter_loaded_while_steps_are_in_flight_changes_no_answer(adapter_dir, cpu_worker):
+    """OVERLAP_STEPS=on from the settings; the pirate adapter's first job arrives while a base job
+    decodes with its steps in flight: loading it changes the model, and the steps in flight are
+    read back before its graphs are dropped."""
+    tasks = [task["instruction"] for task in seed_tasks(2, skip=50)]
+    base, pirate = event(tasks[0], max_new_tokens=40), event(tasks[1], max_new_tokens=12, adapter="pirate")
+    worker = Worker.start(settings(adapter_dir).model_copy(update={"overlap_steps": "on"}))
+    try:
+        assert worker.engine.overlap
+
+        async def both():
+            chunks = []
+            async with contextlib.aclosing(jobs.handle(worker, base, "base")) as outputs:
+                async for chunk in outputs:
+                    if not chunks:  # decoding now, a step in flight at every moment
+                        adapted = asyncio.ensure_future(consume(worker, "pirate", pirate))
+                    chunks.append(chunk)
+            return uncached(chunks), await adapted
+
+        overlapped = asyncio.run(both())
+    finally:
+        worker.close()
+    assert overlapped == (asyncio.run(consume(cpu_worker, "base", base)), asyncio.run(consume(cpu_worker, "pirate", pirate)))
+
+
 def test_the_simulated_gpu_answers_as_the_cpu(cpu_worker, simulated_worker):
     """Its fixed shapes (rows and contexts padded, carried tokens written into the captured step's
     buffers) change no answer in fp32."""

@@ -262,6 +262,7 @@ class Engine:
             self.life.fail([seq], message)
             return None
         if self.adapters.generation != generation:  # loaded, unloaded or evicted an adapter
+            self.launcher.drain()  # steps in flight may still replay the graphs about to be dropped
             self.model = model
             self.runner.set_model(model)
         return True
