@@ -9,7 +9,8 @@ With ``DECODE_COMPILE=inductor`` what each graph records is the step compiled by
 chunks run that compiled step too. Decoding steps that mix adapters replay graphs of their own
 (``MIXED``) when the batched LoRA product serves them (``LORA_BACKEND=triton``). Otherwise prefill
 chunks and steps that mix adapters run eagerly, with rows sorted by context and cut into segments
-of similar length. On the CPU every step runs eagerly, unpadded.
+of similar length. On the CPU every step runs eagerly, unpadded (in the graphs' fixed shapes when
+asked: tests, and a simulated GPU, which may also say what its captured steps compute: ``graph_step``).
 """
 
 from __future__ import annotations
