@@ -12,12 +12,14 @@ import sys
 import runpod
 
 from llm_worker.doors import jobs
+from llm_worker.engine.memory import freeze_heap
 from llm_worker.logs import configure_logging
 from llm_worker.service import Worker, collect
 
 configure_logging()  # LOG_LEVEL
 worker = Worker.start()  # invalid settings or a failed load: a worker that answers every job with the reason
 atexit.register(worker.close)  # stop the engine thread before the interpreter tears down
+freeze_heap()  # a full garbage collection of the loaded heap would stall every stream
 
 
 async def handler(job):

@@ -171,7 +171,7 @@ def simulated_worker(device: SimulatedGpu, **settings):
     worker = Worker(settings, loaded, AdapterManager(settings), device=device)
     if worker.load_error:
         raise SystemExit(worker.load_error)
-    freeze_heap()  # as Worker.start does
+    freeze_heap()  # as handler.py does once its worker has started
     return worker
 
 
@@ -243,6 +243,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_worker(args: argparse.Namespace):
     settings = {"max_batch_size": max(args.concurrency)}
+    from llm_worker.engine.memory import freeze_heap
+
     if args.real:
         from benchmarks.common import random_model_folder
         from llm_worker.service import Worker
@@ -255,6 +257,7 @@ def start_worker(args: argparse.Namespace):
         worker = Worker.start(Settings(**settings))
         if worker.load_error:
             raise SystemExit(worker.load_error)
+        freeze_heap()  # as handler.py does once its worker has started
         if not hasattr(worker.engine.target, "timing"):
             raise SystemExit(f"--real needs a GPU: the worker runs on {worker.engine.device}")
         worker.engine.target.timing = True

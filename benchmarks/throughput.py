@@ -121,9 +121,11 @@ def main() -> None:
 
     started = time.perf_counter()
     from llm_worker.doors import jobs as runpod_door  # imported after the baselines: it loads torch's CUDA state
+    from llm_worker.engine.memory import freeze_heap
     from llm_worker.service import Worker
 
     worker = Worker.start()  # as handler.py starts it: the deployment's settings, load and engine
+    freeze_heap()  # as handler.py does once its worker has started
 
     def handle(job: dict):  # handler.py's handler: the RunPod door, without the SDK's job loop around it
         return runpod_door.handle(worker, job.get("input"), job.get("id"))

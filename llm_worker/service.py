@@ -18,7 +18,6 @@ from llm_worker import native
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, LoopSink
 from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.engine.device import Device
-from llm_worker.engine.memory import freeze_heap
 from llm_worker.logs import job_log, log_refused
 from llm_worker.model.adapters import AdapterError, AdapterManager
 from llm_worker.model.loading import LoadedModel, adapter_name, load_model
@@ -110,7 +109,6 @@ class Worker:
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
         worker = cls(settings, loaded, adapters, device=device)
-        freeze_heap()
         worker.ready_seconds = time.perf_counter() - started
         if worker.engine is not None:
             log.info("Ready in %.1f s (model %.1f s, engine and grammars %.1f s)",

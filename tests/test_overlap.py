@@ -68,7 +68,7 @@ async def consume(worker, name: str, job: dict) -> list:
             chunks.append(chunk)
             if name == "cancelled" and len(chunks) == CANCEL_AFTER:
                 break
-    return uncached(chunks)
+    return chunks
 
 
 def run_burst(worker, overlap: bool) -> dict[str, list]:
@@ -121,7 +121,9 @@ def simulated_worker(adapter_dir, base_model_dir):
 
 
 def check_coverage(results: dict[str, list]) -> None:
-    """The burst did what it claims: each case ended as it should."""
+    """The burst did what it claims: each case ended as it should, the second shared prefix was
+    found in the prefix cache."""
+    assert results["prefix b"][-1]["usage"].get("cached_tokens", 0) > 0
     reason = {name: chunks[-1].get("finish_reason") for name, chunks in results.items()}
     assert reason["stop string"] == "stop" and reason["max_new_tokens"] == "length" and reason["end token"] == "eos"
     assert "non-finite logits" in results["fails alone"][-1]["error"]
@@ -139,7 +141,7 @@ def test_overlapping_steps_give_every_caller_the_same_chunks(where, cpu_worker, 
     assert inflight.overlapped == before, "one step after the other: every launch read back before the next"
     overlapping = run_burst(worker, overlap=True)
     check_coverage(sequential)
-    assert overlapping == sequential
+    assert uncached(overlapping) == uncached(sequential)  # how much of a prompt was cached depends on timing
     assert inflight.overlapped > before, "no step was launched before the previous one was read"
 
 
@@ -160,12 +162,13 @@ def test_an_adapter_loaded_while_steps_are_in_flight_changes_no_answer(adapter_d
                     if not chunks:  # decoding now, a step in flight at every moment
                         adapted = asyncio.ensure_future(consume(worker, "pirate", pirate))
                     chunks.append(chunk)
-            return uncached(chunks), await adapted
+            return chunks, await adapted
 
         overlapped = asyncio.run(both())
     finally:
         worker.close()
-    assert overlapped == (asyncio.run(consume(cpu_worker, "base", base)), asyncio.run(consume(cpu_worker, "pirate", pirate)))
+    expected = (asyncio.run(consume(cpu_worker, "base", base)), asyncio.run(consume(cpu_worker, "pirate", pirate)))
+    assert uncached(list(overlapped)) == uncached(list(expected))
 
 
 def test_the_simulated_gpu_answers_as_the_cpu(cpu_worker, simulated_worker):
@@ -174,7 +177,7 @@ def test_the_simulated_gpu_answers_as_the_cpu(cpu_worker, simulated_worker):
     job = event(seed_tasks(1, skip=30)[0]["instruction"], max_new_tokens=20)
     simulated_worker.engine.overlap = True
     try:
-        assert asyncio.run(consume(simulated_worker, "one", job)) == asyncio.run(consume(cpu_worker, "one", job))
+        assert uncached(asyncio.run(consume(simulated_worker, "one", job))) == uncached(asyncio.run(consume(cpu_worker, "one", job)))
     finally:
         simulated_worker.engine.overlap = False
 
@@ -237,3 +240,12 @@ def test_overlapping_steps_are_a_setting_off_unless_asked_for():
     assert engine_config(Settings(overlap_steps="on"), 4096).overlap_steps
     assert not engine_config(Settings(overlap_steps="auto"), 4096).overlap_steps
     assert not engine_config(Settings(overlap_steps="off"), 4096).overlap_steps
+
+
+def test_the_http_servers_process_freezes_its_heap_once_the_model_is_loaded_and_a_tests_does_not():
+    """A full garbage collection of a loaded worker's heap stalls every stream (~225 ms here); the
+    server's own process serves one worker until it exits, so it freezes the heap after the load."""
+    from llm_worker.doors.server import build
+
+    assert build(ServerSettings()).state.door.freeze_after_load
+    assert not create_app(config=ServerSettings()).state.door.freeze_after_load

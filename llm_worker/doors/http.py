@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llm_worker import openai
 from llm_worker.doors.metrics import Metrics
 from llm_worker.doors.server import LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
+from llm_worker.engine.memory import freeze_heap
 from llm_worker.openai import OpenAIError
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings
@@ -63,6 +64,7 @@ class Door:
         self.config = config
         self.worker = worker
         self.owns_worker = worker is None
+        self.freeze_after_load = False  # the server's own process: the heap frozen once the model is loaded
         self.metrics = Metrics()
         self.draining = False
         self.in_flight = 0  # requests past the gate and not yet answered (health probes aside)
@@ -82,6 +84,8 @@ class Door:
         """On a thread at start: the model loads while ``/health`` already answers. Its settings are
         read from the environment; an invalid one is the reason every request is refused."""
         self._serve(Worker.start())
+        if self.freeze_after_load:
+            freeze_heap()
 
     def unavailable(self) -> str | None:
         """Why generation requests cannot be served now, or None."""

@@ -52,7 +52,9 @@ def build(config: ServerSettings):
     """The server's app, with the routes' imports (seconds): run on a thread while the port answers."""
     from llm_worker.doors.app import create_app
 
-    return create_app(config=config)
+    app = create_app(config=config)
+    app.state.door.freeze_after_load = True  # this process serves this one worker until it exits
+    return app
 
 
 class Starting:

@@ -67,7 +67,9 @@ def freeze_heap() -> None:
     while holding the GIL: about 225 ms here, a stall of every stream, once every few seconds
     under load (``benchmarks.simulated_gpu`` found it). Frozen objects are still freed when
     nothing refers to them; only cycles among them wait for ``gc.unfreeze``, at exit at the latest
-    (else native extensions report them as leaked)."""
+    (else native extensions report them as leaked). So it is for a process that serves one worker
+    until it exits (handler.py, the HTTP server, a benchmark), once that worker has started: a
+    process that starts and closes many (the tests) would keep each one's cycles, a gigabyte or more."""
     gc.collect()
     gc.freeze()
     atexit.unregister(gc.unfreeze)
