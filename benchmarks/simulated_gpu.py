@@ -59,6 +59,7 @@ from benchmarks.workloads import alpaca_workload
 from llm_worker.engine.device import Device, Readback
 from llm_worker.engine.forward import StepInputs
 from llm_worker.engine.host_time import PARTS, HostClock
+from llm_worker.engine.memory import freeze_heap
 
 STAND_IN_VOCAB = 1024
 
@@ -159,7 +160,6 @@ def simulated_worker(device: SimulatedGpu, **settings):
 
     from llm_worker.model.adapters import AdapterManager
     from llm_worker.model.loading import LoadedModel
-    from llm_worker.engine.memory import freeze_heap
     from llm_worker.service import Worker
     from llm_worker.settings import Settings
     from model_cache import prepare_default_model
@@ -171,7 +171,6 @@ def simulated_worker(device: SimulatedGpu, **settings):
     worker = Worker(settings, loaded, AdapterManager(settings), device=device)
     if worker.load_error:
         raise SystemExit(worker.load_error)
-    freeze_heap()  # as handler.py does once its worker has started
     return worker
 
 
@@ -243,8 +242,6 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_worker(args: argparse.Namespace):
     settings = {"max_batch_size": max(args.concurrency)}
-    from llm_worker.engine.memory import freeze_heap
-
     if args.real:
         from benchmarks.common import random_model_folder
         from llm_worker.service import Worker
@@ -257,7 +254,6 @@ def start_worker(args: argparse.Namespace):
         worker = Worker.start(Settings(**settings))
         if worker.load_error:
             raise SystemExit(worker.load_error)
-        freeze_heap()  # as handler.py does once its worker has started
         if not hasattr(worker.engine.target, "timing"):
             raise SystemExit(f"--real needs a GPU: the worker runs on {worker.engine.device}")
         worker.engine.target.timing = True
@@ -273,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     worker, where = start_worker(args)
+    if argv is None:  # a process of its own, serving this worker until it exits: as handler.py does
+        freeze_heap()
     print(f"the engine on {where}; ready in {time.perf_counter() - started:.1f} s", flush=True)
     try:
         asyncio.run(run_handler(runpod_door(worker), alpaca_workload(4, 8, fixed_length=True), 4, "warm-up"))

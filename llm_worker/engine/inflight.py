@@ -87,6 +87,8 @@ class InFlight:
             self.clock.lap("sampling")
             for seq, (token, logprob) in zip(launch.seqs, rows):
                 seq.ahead -= 1
+                if not seq.ahead:
+                    seq.newest = None  # no cycle left between a request and its launches
                 if seq.finish_reason is None:
                     accept(seq, token, logprob)
 
