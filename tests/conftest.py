@@ -1,5 +1,6 @@
 """Shared, slow fixtures: one loaded model per dtype, adapters trained once per session."""
 
+import gc
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import uvicorn  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from llm_worker.engine.memory import return_freed_memory  # noqa: E402
 from llm_worker.model.finetune import LoraTraining, train_lora  # noqa: E402
 from llm_worker.service import Worker  # noqa: E402
 from llm_worker.settings import Settings  # noqa: E402
@@ -55,6 +57,15 @@ def seed_tasks(count: int, skip: int = 0) -> list[dict]:
 
 def job(instruction: str, **generation) -> dict:
     return {"prompt_config": {"instruction": instruction}, "generation_config": generation}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memory_back_after_each_module():
+    """What a test file's workers and models held goes back to the system before the next file
+    (glibc keeps freed pages; two test processes share 24 GB)."""
+    yield
+    gc.collect()
+    return_freed_memory(torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
