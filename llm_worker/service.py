@@ -7,6 +7,7 @@ input is validated, prompts are built and outputs are shaped.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,7 @@ class Worker:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        gc.collect()  # a model and its KV pool caught in reference cycles are gigabytes: give them back now
 
     # ------------------------------------------------------------------ requests
     def build_request(self, job: JobInput, job_id: str | None = None) -> GenerationRequest:
