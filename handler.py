@@ -14,11 +14,13 @@ import runpod
 from llm_worker.doors import jobs
 from llm_worker.engine.memory import freeze_heap
 from llm_worker.logs import configure_logging
+from llm_worker.parallel import exit_when_a_rank_is_lost
 from llm_worker.service import Worker, collect
 
 configure_logging()  # LOG_LEVEL
 worker = Worker.start()  # invalid settings or a failed load: a worker that answers every job with the reason
-atexit.register(worker.close)  # stop the engine thread before the interpreter tears down
+atexit.register(worker.close)  # stop the engine thread (and any tensor-parallel ranks) before the interpreter tears down
+exit_when_a_rank_is_lost(worker)  # with TENSOR_PARALLEL_SIZE: a lost rank fails what is in flight, then the worker exits 1
 freeze_heap()  # a full garbage collection of the loaded heap would stall every stream
 
 

@@ -58,18 +58,19 @@ def quiet_known_noise() -> None:
     )
 
 
-def configure_logging(level: str | None = None) -> None:
+def configure_logging(level: str | None = None, prefix: str = "") -> None:
     """Log one line per record with its level and logger. The worker's own loggers log at
     ``level`` (default: ``LOG_LEVEL``, INFO when unset), other libraries at INFO or above, so
     DEBUG shows the worker's details (a running job's progress) without every library's.
 
     ``LOG_LEVEL`` is read here rather than from ``Settings`` because logging has to be set up
     before the settings are read, to log their errors; an invalid value logs at INFO here and is
-    reported by ``Worker.start`` like any other invalid setting."""
+    reported by ``Worker.start`` like any other invalid setting. ``prefix`` starts every line (a
+    tensor-parallel rank's ``[rank N]``)."""
     name = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
     worker_level = logging.getLevelName(name) if name in LOG_LEVELS else logging.INFO
     # force: importing runpod already configured the root logger, without levels or logger names
-    logging.basicConfig(level=max(worker_level, logging.INFO), format=FORMAT, force=True)
+    logging.basicConfig(level=max(worker_level, logging.INFO), format=prefix + FORMAT, force=True)
     for logger in WORKER_LOGGERS:
         logging.getLogger(logger).setLevel(worker_level)
     quiet_known_noise()

@@ -12,36 +12,27 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from llm_worker import native
+from llm_worker import parallel as tensor_parallel
 from llm_worker.engine import Completion, Delta, Engine, EngineConfig, EngineError, Failed, GenerationRequest, LoopSink
 from llm_worker.engine.constraints import Grammars, grammar_vocab
 from llm_worker.engine.device import Device
-from llm_worker.logs import job_log, log_refused
+from llm_worker.logs import log_refused
+from llm_worker.reports import RequestRecord, log_job
 from llm_worker.model.adapters import AdapterError, AdapterManager
-from llm_worker.model.loading import LoadedModel, adapter_name, load_model
+from llm_worker.model.loading import LoadedModel
 from llm_worker.model.prompts import render_prompt
+from llm_worker.model.sharding import ShardingError
+from llm_worker.parallel import RankStartError, TensorParallel
 from llm_worker.schema import GenerationConfig, InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
 from llm_worker.settings import Settings, SettingsError
 from model_cache import ModelSourceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """How one engine request went, for whoever watches the worker (metrics, logs)."""
-
-    outcome: Literal["finished", "failed", "cancelled"]
-    finish_reason: str | None  # eos | stop | length | time_limit, when finished
-    prompt_tokens: int
-    cached_tokens: int  # of the prompt, found in the prefix cache (known once finished; 0 otherwise)
-    completion_tokens: int  # tokens of a finished answer; 0 otherwise
-    seconds: float  # from submission to the end
-    first_token_seconds: float | None  # to the first text, when there was some
 
 
 class Worker:
@@ -54,10 +45,12 @@ class Worker:
         adapters: AdapterManager | None = None,
         load_error: str | None = None,
         device: Device | None = None,
+        parallel: TensorParallel | None = None,
     ) -> None:
         """``device``: the device's queue the engine launches on (default: the model's device's;
-        a simulated GPU in benchmarks and tests)."""
+        a simulated GPU in benchmarks and tests); ``parallel``: this rank 0 of tensor parallel."""
         self.settings = settings
+        self.parallel = parallel
         self.loaded = loaded
         self.adapters = adapters
         self.load_error = load_error
@@ -75,13 +68,14 @@ class Worker:
             try:
                 self.engine = Engine(
                     loaded.model, loaded.tokenizer, engine_config(settings, self.context_length), dtype=loaded.dtype,
-                    adapters=adapters, device=device,
+                    adapters=adapters, device=device, ranks=parallel.ranks if parallel else None,
                 )
                 self.grammars = Grammars(loaded.tokenizer, grammar_vocab(self.engine.vocab, loaded.tokenizer), self.engine.eos_ids)
                 self.grammars.warm_up()
             except Exception as err:
                 log.exception("the engine failed to start")
                 self.load_error = f"the engine failed to start: {type(err).__name__}: {err}"
+                _close(parallel)
 
     @classmethod
     def start(cls, settings: Settings | None = None, device: Device | None = None) -> Worker:
@@ -97,19 +91,17 @@ class Worker:
         log_settings(settings)
         started = time.perf_counter()
         try:
-            loaded = load_model(settings)
-            default = adapter_name(settings.lora_weights) if settings.lora_weights else None
-            adapters = AdapterManager(settings, default=None if loaded.merged_adapter else default, merged=loaded.merged_adapter)
-            if adapters.default:
-                loaded.model = adapters.activate(loaded.model, adapters.default, in_use=set())
-        except (ModelSourceError, AdapterError) as err:  # explained in its message: no traceback needed
+            loaded, adapters, parallel = tensor_parallel.load_on_every_rank(settings)
+        except (ModelSourceError, AdapterError, ShardingError, RankStartError) as err:  # explained in its message
             log.error("The model failed to load: %s", err)
             return cls(settings, None, load_error=f"the model failed to load: {err}")
         except Exception as err:
             log.exception("The model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
-        worker = cls(settings, loaded, adapters, device=device)
+        worker = cls(settings, loaded, adapters, device=device, parallel=parallel)
+        if parallel is not None:  # from then on, every job is answered with the reason
+            parallel.ranks.on_lost.insert(0, lambda reason: setattr(worker, "load_error", f"the worker lost a tensor-parallel rank ({reason})"))
         worker.ready_seconds = time.perf_counter() - started
         if worker.engine is not None:
             log.info("Ready in %.1f s (model %.1f s, engine and grammars %.1f s)",
@@ -119,6 +111,7 @@ class Worker:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        _close(self.parallel)
         gc.collect()  # a model and its KV pool caught in reference cycles are gigabytes: give them back now
 
     # ------------------------------------------------------------------ requests
@@ -141,25 +134,7 @@ class Worker:
         """The engine request for a tokenized prompt, once it is known to fit; ``adapter`` as a job
         names it, ``job_id`` as the door names the job (for the logs). The config's constraint, if
         any, is compiled (cached)."""
-        room = min(self.settings.max_input_tokens, self.context_length - config.max_new_tokens)
-        if len(ids) > room:
-            raise InputError(
-                f"prompt_config: the prompt is {len(ids)} tokens; at most {room} fit "
-                f"(MAX_INPUT_TOKENS={self.settings.max_input_tokens}, context {self.context_length} "
-                f"minus max_new_tokens {config.max_new_tokens})"
-            )
-        capacity = self.engine.capacity_tokens
-        if len(ids) + config.max_new_tokens > capacity:
-            raise InputError(
-                f"generation_config.max_new_tokens: the prompt ({len(ids)} tokens) plus max_new_tokens "
-                f"({config.max_new_tokens}) is {len(ids) + config.max_new_tokens} tokens, more than the "
-                f"{capacity} tokens this worker's KV cache holds (KV_CACHE_TOKENS, GPU_MEMORY_UTILIZATION)"
-            )
-        vocab = self.engine.vocab
-        for name, tokens in (("logit_bias", [int(t) for t in config.logit_bias or {}]), ("stop_token_ids", config.stop_token_ids)):
-            wrong = next((token for token in tokens if token >= vocab), None)
-            if wrong is not None:
-                raise InputError(f"generation_config.{name}: token id {wrong} is not in the vocabulary (0 to {vocab - 1})")
+        check_fits(ids, config, self.settings, self.context_length, self.engine, tensor_parallel=self.parallel is not None)
         chosen = self.adapters.choose(adapter)
         if chosen == self.adapters.merged:
             chosen = None  # already in the weights
@@ -293,6 +268,40 @@ class Worker:
             yield {"error": str(err)}
 
 
+def check_fits(ids: list[int], config: GenerationConfig, settings: Settings, context_length: int, engine: Engine, tensor_parallel: bool) -> None:
+    """Refuse, naming the field, a request this worker cannot run: a prompt or an answer too long
+    for its context or KV cache, token ids outside the vocabulary, beam search under tensor parallel."""
+    room = min(settings.max_input_tokens, context_length - config.max_new_tokens)
+    if len(ids) > room:
+        raise InputError(
+            f"prompt_config: the prompt is {len(ids)} tokens; at most {room} fit "
+            f"(MAX_INPUT_TOKENS={settings.max_input_tokens}, context {context_length} "
+            f"minus max_new_tokens {config.max_new_tokens})"
+        )
+    capacity = engine.capacity_tokens
+    if len(ids) + config.max_new_tokens > capacity:
+        raise InputError(
+            f"generation_config.max_new_tokens: the prompt ({len(ids)} tokens) plus max_new_tokens "
+            f"({config.max_new_tokens}) is {len(ids) + config.max_new_tokens} tokens, more than the "
+            f"{capacity} tokens this worker's KV cache holds (KV_CACHE_TOKENS, GPU_MEMORY_UTILIZATION)"
+        )
+    vocab = engine.vocab
+    for name, tokens in (("logit_bias", [int(t) for t in config.logit_bias or {}]), ("stop_token_ids", config.stop_token_ids)):
+        wrong = next((token for token in tokens if token >= vocab), None)
+        if wrong is not None:
+            raise InputError(f"generation_config.{name}: token id {wrong} is not in the vocabulary (0 to {vocab - 1})")
+    if config.num_beams > 1 and tensor_parallel:
+        raise InputError(
+            f"generation_config.num_beams: beam search is not served with TENSOR_PARALLEL_SIZE={settings.tensor_parallel_size} "
+            "(it runs transformers' generate, outside the engine's steps that every rank follows); use num_beams 1"
+        )
+
+
+def _close(parallel: TensorParallel | None) -> None:
+    if parallel is not None:
+        parallel.close()
+
+
 def engine_config(settings: Settings, context_length: int) -> EngineConfig:
     """The engine's configuration from the worker's settings."""
     return EngineConfig(
@@ -308,36 +317,6 @@ def engine_config(settings: Settings, context_length: int) -> EngineConfig:
         lora_backend="peft" if settings.lora_backend == "auto" else settings.lora_backend,
         decode_compile="off" if settings.decode_compile == "auto" else settings.decode_compile, compile_cache_dir=str(settings.model_cache_dir / "torch_compile"),
         overlap_steps=settings.overlap_steps == "on",
-    )
-
-
-def log_job(requests: Sequence[GenerationRequest], ends: Sequence[Completion | Failed | None], seconds: float, merged: str | None) -> None:
-    """One line per job (all its requests: ``n`` answers, several prompts) once it is over: job id,
-    adapter, outcome, token counts, seconds and tokens/s. Never the prompt's or the answer's text."""
-    first = requests[0]
-    adapter = first.adapter or merged or "-"
-    prompts: dict[int, int] = {}  # each prompt counts once (n answers share one)
-    for request in requests:
-        prompts[id(request.prompt_ids)] = len(request.prompt_ids)
-    prompt_tokens = sum(prompts.values())
-    done = [end for end in ends if isinstance(end, Completion)]
-    completion_tokens = sum(end.completion_tokens for end in done)
-    failed = next((end for end in ends if isinstance(end, Failed)), None)
-    if failed is not None:
-        job_log.warning("Job %s failed after %.2f s (adapter %s): %s", first.job_id or "-", seconds, adapter, failed.error)
-        return
-    if len(done) < len(ends):
-        job_log.info(
-            "Job %s cancelled after %.2f s (adapter %s, %d prompt tokens, %d of %d answers finished)",
-            first.job_id or "-", seconds, adapter, prompt_tokens, len(done), len(ends),
-        )
-        return
-    reasons = ",".join(dict.fromkeys(end.finish_reason for end in done))
-    cached = sum({id(request.prompt_ids): end.cached_tokens for request, end in zip(requests, ends)}.values())
-    job_log.info(
-        "Job %s done: %s, adapter %s, %d prompt tokens%s, %d completion tokens, %.2f s, %.1f tokens/s",
-        first.job_id or "-", reasons, adapter, prompt_tokens, f" ({cached} cached)" if cached else "",
-        completion_tokens, seconds, completion_tokens / seconds if seconds > 0 else 0.0,
     )
 
 

@@ -119,6 +119,14 @@ class Settings(Environment):
         "or one step after the other (off); auto: off. Steps with a row under a grammar or no_repeat_ngram_size "
         "run one after the other either way.",
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64,
+        description="Ranks the model is split over, one process per GPU (NCCL; gloo on the CPU): attention heads and MLP "
+        "width divided as transformers' plan for the architecture says. Must divide the attention heads. 1: one device.",
+    )
+    tensor_parallel_timeout: float = Field(
+        120.0, gt=0, description="Seconds a tensor-parallel collective may wait for the other ranks before the worker stops."
+    )
     enable_prefix_cache: bool = Field(
         True, description="Reuse the keys and values of prompt blocks already computed (a shared preamble or system prompt)."
     )
@@ -141,6 +149,24 @@ class Settings(Environment):
     def _one_quantization(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("load_8bit"):
             raise ValueError("LOAD_8BIT and LOAD_4BIT are exclusive: set at most one")
+        return value
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _splittable(cls, value: int, info: ValidationInfo) -> int:
+        if value == 1:
+            return value
+        refused = [
+            f"{name}={info.data.get(field)}" for name, field, bad in (
+                ("LOAD_8BIT", "load_8bit", True), ("LOAD_4BIT", "load_4bit", True), ("OVERLAP_STEPS", "overlap_steps", "on"),
+                ("LORA_BACKEND", "lora_backend", "triton"), ("DECODE_COMPILE", "decode_compile", "inductor"),
+            ) if info.data.get(field) == bad
+        ]
+        if refused:
+            raise ValueError(
+                f"{' and '.join(refused)} {'is' if len(refused) == 1 else 'are'} not served with tensor parallel yet: "
+                "use TENSOR_PARALLEL_SIZE=1, or leave them unset"
+            )
         return value
 
     @field_validator("log_level")

@@ -21,6 +21,7 @@ from llm_worker.doors.metrics import Metrics
 from llm_worker.doors.server import LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
 from llm_worker.engine.memory import freeze_heap
 from llm_worker.openai import OpenAIError
+from llm_worker.parallel import exit_when_a_rank_is_lost
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings
 
@@ -83,7 +84,10 @@ class Door:
     def load(self) -> None:
         """On a thread at start: the model loads while ``/health`` already answers. Its settings are
         read from the environment; an invalid one is the reason every request is refused."""
-        self._serve(Worker.start())
+        worker = Worker.start()
+        if self.freeze_after_load:  # this process serves this one worker until it exits
+            exit_when_a_rank_is_lost(worker)
+        self._serve(worker)
         if self.freeze_after_load:
             freeze_heap()
 

@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from llm_worker.engine import Engine
-from llm_worker.service import RequestRecord
+from llm_worker.reports import RequestRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a fast GPU's first token to a long CPU answer.

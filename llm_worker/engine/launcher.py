@@ -17,6 +17,7 @@ from llm_worker.engine.device import Device
 from llm_worker.engine.host_time import HostClock, NoClock
 from llm_worker.engine.inflight import InFlight
 from llm_worker.engine.lifecycle import Lifecycle
+from llm_worker.engine.ranks import RankLost
 from llm_worker.engine.prompt_scoring import score_chunks, wants_scores
 from llm_worker.engine.requests import TokenLogprob
 from llm_worker.engine.runner import StepRunner
@@ -39,6 +40,8 @@ class StepLauncher:
         """One forward over prompt chunks of similar widths; if it fails, each chunk alone."""
         try:
             self._prefill_forward(group)
+        except RankLost:
+            raise
         except Exception as err:
             if len(group) == 1:
                 log.exception("prefill failed for %s", group[0].seq.label)

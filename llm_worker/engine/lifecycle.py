@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from llm_worker.engine.host_time import HostClock, NoClock
+from llm_worker.engine.ranks import RankLost
 from llm_worker.engine.requests import Completion, Delta, Event, Failed, LoopSink, Sink
 from llm_worker.engine.sampler import BAD_ROW
 from llm_worker.engine.scheduler import Scheduler
@@ -100,6 +101,8 @@ class Lifecycle:
         """Run engine work; if it raises, fail exactly the requests it was for and keep serving."""
         try:
             work(seqs)
+        except RankLost:  # not the requests' fault: the engine stops (``loop.py``)
+            raise
         except Exception as err:
             log.exception("generation failed for %d request(s)", len(seqs))
             self.fail(seqs, f"generation failed: {type(err).__name__}: {err}")

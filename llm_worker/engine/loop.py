@@ -44,6 +44,7 @@ from llm_worker.engine.launcher import StepLauncher
 from llm_worker.engine.kv_cache import BlockAllocator
 from llm_worker.engine.lifecycle import Lifecycle
 from llm_worker.engine.memory import return_freed_memory
+from llm_worker.engine.ranks import KEEP_ALIVE_SECONDS, RankLost, Ranks
 from llm_worker.engine.requests import (
     Completion,
     Delta,
@@ -64,6 +65,7 @@ from llm_worker.engine.step_sampling import StepSampler
 from llm_worker.model.adapters import AdapterError, AdapterManager, AdapterSlotsBusy
 
 log = logging.getLogger(__name__)
+LOST = object()  # put in the inbox when a tensor-parallel rank ends
 
 
 class Engine:
@@ -76,15 +78,18 @@ class Engine:
         dtype: torch.dtype | None = None,
         adapters: AdapterManager | None = None,
         device: Device | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
+        """``ranks``: under tensor parallel, this rank 0's group (the other ranks follow its steps)."""
         self.model, self.tokenizer, self.config, self.adapters = model, tokenizer, config, adapters
+        self.ranks = ranks
         self.device = next(model.parameters()).device
         self.target = device or device_for(self.device)  # the device's queue: readbacks, busy time
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab = model.get_output_embeddings().weight.shape[0]
 
-        self.runner = start_runner(model, config, self.device, dtype, self.target)
+        self.runner = start_runner(model, config, self.device, dtype, self.target, ranks)
         self.pool = self.runner.pool
         self.max_seq_len = min(config.max_seq_len, self.pool.capacity_tokens)
         blocks = self.pool.blocks
@@ -99,6 +104,8 @@ class Engine:
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._closed = False
         self._submit_lock = threading.Lock()
+        if ranks is not None:  # a rank that ended wakes the engine, which fails what is in flight and stops
+            ranks.on_lost.append(lambda reason: self._inbox.put(LOST))
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
         self._thread.start()
 
@@ -168,6 +175,11 @@ class Engine:
         """Time the engine thread's parts of each step into ``clock`` (None: stop)."""
         self.clock = self.life.clock = self.launcher.clock = self.launcher.inflight.clock = clock or NoClock()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait until the engine thread has ended (closed, or stopped by a lost rank)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the engine; every request still in flight gets an error."""
         with self._submit_lock:
@@ -179,41 +191,72 @@ class Engine:
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         with torch.inference_mode():
-            while self._take_inbox(block=not (self.scheduler.busy or self.runner.pending or self.launcher.inflight)):
-                try:
-                    if self.scheduler.busy:
-                        self._step()
-                    elif self.launcher.inflight:  # tokens of requests that ended meanwhile: read back, dropped
-                        self.launcher.drain()
-                    else:  # idle: one planned graph, then the inbox again
-                        capture_when_idle(self.runner)
-                        continue
-                except Exception as err:  # a bug must cost the requests it touched, never the engine
-                    log.exception("engine iteration failed")
-                    self.life.fail(self.life.in_flight(), f"engine error: {type(err).__name__}: {err}")
-                self.life.flush()
-                self.clock.lap("text")
-                if not self.scheduler.busy:
-                    return_freed_memory(self.device)
-            leftovers = self.life.in_flight()
-            while not self._inbox.empty():
-                item = self._inbox.get_nowait()
-                if item is not None:
-                    leftovers.append(item)
-            self.life.fail(leftovers, "the worker is shutting down: this request was not finished; retry it")
+            try:
+                self._serve()
+            except RankLost as err:  # the ranks are out of step: nothing more can run
+                log.error("the engine stops: %s", err)
+                reason = f"the worker lost a tensor-parallel rank ({err}) and stops; retry on another worker"
+                self._end_all(reason)
+                return
+        self._end_all("the worker is shutting down: this request was not finished; retry it")
+
+    def _serve(self) -> None:
+        while self._take_inbox(block=not (self.scheduler.busy or self.runner.pending or self.launcher.inflight)):
+            try:
+                if self.scheduler.busy:
+                    self._step()
+                elif self.launcher.inflight:  # tokens of requests that ended meanwhile: read back, dropped
+                    self.launcher.drain()
+                else:  # idle: one planned graph, then the inbox again
+                    capture_when_idle(self.runner)
+                    continue
+            except RankLost:
+                raise
+            except Exception as err:  # a bug must cost the requests it touched, never the engine
+                log.exception("engine iteration failed")
+                self.life.fail(self.life.in_flight(), f"engine error: {type(err).__name__}: {err}")
+            if self.ranks is not None and self.ranks.lost:
+                raise RankLost(self.ranks.lost)
             self.life.flush()
+            self.clock.lap("text")
+            if not self.scheduler.busy:
+                return_freed_memory(self.device)
+
+    def _end_all(self, reason: str) -> None:
+        """Fail every request in flight or waiting with ``reason``."""
+        with self._submit_lock:
+            self._closed = True
+        leftovers = self.life.in_flight()
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, Sequence):
+                leftovers.append(item)
+        self.life.fail(leftovers, reason)
+        self.life.flush()
 
     def _take_inbox(self, block: bool) -> bool:
-        """Move new requests to the waiting line; False when the engine is asked to stop."""
+        """Move new requests to the waiting line; False when the engine is asked to stop. Under
+        tensor parallel, waiting idle tells the other ranks rank 0 is there now and then."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._next(block)
             while True:
                 if item is None:
                     return False
+                if item is LOST:
+                    raise RankLost(self.ranks.lost)
                 self.scheduler.waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _next(self, block: bool):
+        if not block or self.ranks is None:
+            return self._inbox.get(block=block)
+        while True:
+            try:
+                return self._inbox.get(timeout=KEEP_ALIVE_SECONDS)
+            except queue.Empty:
+                self.ranks.tell("ping")
 
     def _step(self) -> None:
         """Launch this step's prefill chunks and decoding rows, then read back what earlier steps
@@ -263,6 +306,8 @@ class Engine:
             return None
         if self.adapters.generation != generation:  # loaded, unloaded or evicted an adapter
             self.launcher.drain()  # steps in flight may still replay the graphs about to be dropped
+            if self.ranks is not None:
+                self.ranks.tell("adapters", self.adapters.loaded_folders())
             self.model = model
             self.runner.set_model(model)
         return True

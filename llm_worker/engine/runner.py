@@ -37,6 +37,7 @@ from llm_worker.engine.forward import StepInputs, forward_step, pad_tables, run_
 from llm_worker.engine.graphs import CapturedStep, Staging, block_buckets, bucket, row_buckets
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, KVPool, Segment, blocks_for
 from llm_worker.engine.masks import LayerWindows
+from llm_worker.engine.ranks import RankLost, Ranks
 from llm_worker.model.loading import weight_bytes
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,12 @@ class StepRunner:
         compile_backend: str | None = None,
         compile_cache: str | None = None,
         graph_step=None,
+        leader: Ranks | None = None,
     ) -> None:
+        """``leader``: under tensor parallel, rank 0's group, through which the other ranks are told
+        each step's inputs (and each idle capture) before rank 0 runs them itself."""
         use_pool_attention(model)
+        self.leader = leader
         self.model = model
         self.pool = pool
         self.device = device
@@ -167,6 +172,8 @@ class StepRunner:
     def capture_pending(self) -> None:
         """Capture the next planned graph not captured yet (the engine thread calls this when it
         has nothing to run: one graph at a time, so a new request waits for one capture at most)."""
+        if self.leader:
+            self.leader.tell("capture")
         context, kwargs, key = adapter_state(self.model, [None])
         while self.pending:
             rows, blocks = self.pending[0]
@@ -205,6 +212,17 @@ class StepRunner:
         would make every row copy its length (``split_by_context``). Any other step is one eager
         forward with its rows sorted by context length and cut into segments of similar length
         (``plan_segments``)."""
+        if self.leader is None:
+            return self._run(inputs, adapters, all_positions)
+        self.leader.tell("run", inputs, adapters, all_positions)
+        try:
+            return self._run(inputs, adapters, all_positions)
+        except RankLost:
+            raise
+        except Exception as err:  # the other ranks ran on, or wait in a collective: the ranks are out of step
+            raise self.leader.broken("a step", err) from err
+
+    def _run(self, inputs: StepInputs, adapters: list[str | None], all_positions: bool) -> torch.Tensor:
         groups = adapter_groups(self.model, adapters)
         if len(groups) == 1:
             return self._run_group(inputs, adapters, all_positions)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -13,6 +14,7 @@ from llm_worker.engine.attention import check_model
 from llm_worker.engine.device import Device
 from llm_worker.engine.kv_cache import BLOCK_SIZE, KVPool, KVShape, blocks_for, kv_budget_blocks
 from llm_worker.engine.memory import activation_dtype, profile_peak
+from llm_worker.engine.ranks import Ranks
 from llm_worker.engine.requests import EngineConfig
 from llm_worker.engine.runner import StepRunner
 
@@ -36,11 +38,17 @@ class StartClock:
 
 
 
-def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch.dtype | None, target: Device) -> StepRunner:
+def start_runner(
+    model, config: EngineConfig, device: torch.device, dtype: torch.dtype | None, target: Device, ranks: Ranks | None = None
+) -> StepRunner:
     """The step runner over a KV pool sized for this device, its first graphs captured; ``target``
-    may fix its shapes and what its captured steps run (a simulated GPU)."""
+    may fix its shapes and what its captured steps run (a simulated GPU). Under tensor parallel
+    (``ranks``) every rank runs this, in step: the pool holds the rank's KV heads, with as many
+    blocks as the fullest device has room for, and rank 0's runner tells the others each step."""
     check_model(model)
     shape = KVShape.of(model, dtype or activation_dtype(model))
+    if ranks is not None:
+        shape = replace(shape, kv_heads=ranks.kv_heads)
     max_blocks = blocks_for(config.max_seq_len)
     reserved = 0
     clock = StartClock()
@@ -54,6 +62,8 @@ def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch
         shape, device, kv_cache_tokens=config.kv_cache_tokens,
         gpu_memory_utilization=config.gpu_memory_utilization, reserved_bytes=reserved,
     )
+    if ranks is not None:
+        blocks = ranks.agree_min(blocks)
     pool = KVPool(shape, blocks, device)
     clock.lap("KV pool")
     runner = StepRunner(
@@ -61,7 +71,7 @@ def start_runner(model, config: EngineConfig, device: torch.device, dtype: torch
         config.static_shapes if target.static_shapes is None else target.static_shapes,
         attention_kernel=config.attention_backend == "triton", lora_kernel=config.lora_backend == "triton",
         compile_backend=None if config.decode_compile == "off" else config.decode_compile, compile_cache=config.compile_cache_dir,
-        graph_step=target.graph_step,
+        graph_step=target.graph_step, leader=ranks if ranks is not None and ranks.leader else None,
     )
     clock.lap("probe step")
     runner.capture_at_start()

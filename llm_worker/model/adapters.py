@@ -61,6 +61,7 @@ class AdapterManager:
         self._retired: set[str] = set()  # loaded in the model, but removed: deleted once no request uses them
         self.generation = 0  # counts changes to the model's adapters (its forward changes with them)
         self._templates: dict[str, str | None] = {}  # chat templates adapters ship, by name and revision
+        self.sharding = None  # under tensor parallel: checks an adapter can be split, and cuts it once loaded
 
     # ------------------------------------------------------------------ names
     def known(self) -> dict[str, AdapterSource]:
@@ -217,6 +218,11 @@ class AdapterManager:
                 return model
         folder = self.locate(name)
         check_compatible(model, folder, name, self.settings.max_lora_rank, tokenizer)
+        if self.sharding is not None:
+            try:
+                self.sharding.check_adapter(adapter_config(folder, name), name)
+            except RuntimeError as err:
+                raise AdapterError(str(err)) from None
         with self._lock:
             while len(self._loaded) >= self.settings.max_loaded_adapters:
                 idle = next((loaded for loaded in self._loaded if loaded not in in_use), None)
@@ -227,11 +233,18 @@ class AdapterManager:
                 self.generation += 1
                 log.info("Unloaded adapter %s (least recently used)", idle)
         model = load_into(model, folder, name)
+        if self.sharding is not None:
+            self.sharding.adopt(model)
         with self._lock:
             self._loaded[name] = folder
             self.generation += 1
         log.info("Loaded adapter %s from %s", name, folder)
         return model
+
+    def loaded_folders(self) -> list[tuple[str, str]]:
+        """(name, folder) of every adapter in the model now (the other tensor-parallel ranks follow them)."""
+        with self._lock:
+            return [(name, str(folder)) for name, folder in self._loaded.items()]
 
     def locate(self, name: str) -> Path:
         """The adapter's local folder, kept inside ADAPTER_DIR for names found there."""
