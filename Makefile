@@ -25,9 +25,11 @@ serve: install
 	$(PY) -m model_cache
 	$(PY) -m llm_worker.doors.server --host $(HOST) --port $(PORT)
 
+# make bench TP=3: tensor parallel over 3 ranks against one device instead (on the CPU, the collectives' cost)
+TP ?= 1
 bench: install
 	$(PY) -m model_cache
-	$(PY) -m benchmarks.throughput
+	$(if $(filter 1,$(TP)),$(PY) -m benchmarks.throughput,$(PY) -m benchmarks.tensor_parallel --size $(TP))
 
 # The engine's greedy answers against the model's own generate, with the worker's settings
 # (BASE_MODEL, LORA_ADAPTERS, ADAPTER_DIR, DTYPE, ...): exits 1 when an answer differs.

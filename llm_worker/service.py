@@ -25,6 +25,7 @@ from llm_worker.reports import RequestRecord, log_job
 from llm_worker.model.adapters import AdapterError, AdapterManager
 from llm_worker.model.loading import LoadedModel
 from llm_worker.model.prompts import render_prompt
+from llm_worker.model.quantization import QuantizationError
 from llm_worker.model.sharding import ShardingError
 from llm_worker.parallel import RankStartError, TensorParallel
 from llm_worker.schema import GenerationConfig, InputError, JobInput, Limits, ListAdaptersInput, parse_job_input
@@ -92,7 +93,7 @@ class Worker:
         started = time.perf_counter()
         try:
             loaded, adapters, parallel = tensor_parallel.load_on_every_rank(settings)
-        except (ModelSourceError, AdapterError, ShardingError, RankStartError) as err:  # explained in its message
+        except (ModelSourceError, AdapterError, ShardingError, RankStartError, QuantizationError) as err:  # explained in its message
             log.error("The model failed to load: %s", err)
             return cls(settings, None, load_error=f"the model failed to load: {err}")
         except Exception as err:

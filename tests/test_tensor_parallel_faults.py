@@ -3,6 +3,7 @@ for 2 KV heads: each KV head shared by two ranks), what is refused at start, and
 ranks: one that fails to start, one killed while serving, SIGTERM. No process is left behind."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -142,3 +143,16 @@ def test_sigterm_ends_the_server_and_every_rank():
     assert process.wait(timeout=60) == 0
     psutil.wait_procs(list(ranks.values()), timeout=30)
     assert not [rank for rank in ranks.values() if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_benchmark_compares_three_ranks_with_one_device_and_ends_with_its_figures(capsys, base_model_dir):
+    from benchmarks import tensor_parallel
+
+    tensor_parallel.main(["--size", "3", "--concurrency", "2", "--requests", "2", "--max-new-tokens", "6"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["size"] == 3 and figures["tok_s_c2_tp1"] > 0 and figures["tok_s_c2_tp3"] > 0
+    assert figures["ratio_c2"] == pytest.approx(figures["tok_s_c2_tp3"] / figures["tok_s_c2_tp1"], rel=0.01)
+    assert figures["same_c2"] == figures["answers_c2"] == 2
+    assert any("x one device's" in line for line in lines)
+    assert no_rank_left()

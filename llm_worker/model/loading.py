@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from llm_worker.model import quantization as quantized
 from llm_worker.settings import Settings
 from model_cache import EMBEDDED_NAME, resolve_adapter_source, resolve_base_model
 
@@ -125,22 +126,40 @@ def load_model(settings: Settings) -> LoadedModel:
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(INT8_CAST_WARNING)
     folder = resolve_base_model(settings)
     name = settings.base_model or EMBEDDED_NAME
+    checkpoint = quantized.read(folder)
+    if checkpoint is not None:
+        quantized.check_runs_here(checkpoint, device, settings.load_8bit, settings.load_4bit)
     quantization = quantization_config(settings, dtype)
-    log.info("Loading %s on %s as %s%s", name, device, dtype, f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization else "")
+    how = f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization else f" (a quantized checkpoint: {checkpoint.describe()})" if checkpoint else ""
+    log.info("Loading %s on %s as %s%s", name, device, dtype, how)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=dtype,
         device_map={"": device},
-        quantization_config=quantization,
         trust_remote_code=settings.trust_remote_code,
+        **({"quantization_config": quantization} if quantization else {}),  # None would override a checkpoint's own
     )
     fix_special_tokens(model, tokenizer)
+    if device.type == "cpu":
+        keep_4bit_weights_unpacked(model)
+    if checkpoint is not None:
+        log.info("Quantized weights (%s): %.2f GiB on %s", checkpoint.describe(), weight_bytes(model) / 2**30, device)
     merged = None
     if settings.lora_weights and settings.merge_lora:
         model, merged = merge_lora(model, settings, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, name, device, dtype, merged, time.perf_counter() - started)
+
+
+def keep_4bit_weights_unpacked(model) -> None:
+    """On a CPU with avx512_bf16, bitsandbytes (0.50) repacks each 4-bit layer's weights at its
+    first forward; a LoRA adapter PEFT loads after that (any adapter loaded once the engine has
+    run its probe step) answers garbage, and bitsandbytes' own inverse does not restore them. The
+    layers keep the format they were loaded in: the same answers, and adapters stay right."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merge_lora(model, settings: Settings, tokenizer):
