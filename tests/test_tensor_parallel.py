@@ -111,12 +111,12 @@ def assert_same_or_near_tie(model, tokenizer, prompt: str, mine: list[int], refe
 
 def test_three_ranks_answer_16_seed_tasks_as_one_device_does(three_ranks, one_device):
     prompts = [task["instruction"] for task in seed_tasks(16, skip=60)]
-    split, whole = greedy_tokens(three_ranks, prompts), greedy_tokens(one_device, prompts)
+    split, whole = greedy_tokens(three_ranks, prompts, 16), greedy_tokens(one_device, prompts, 16)
     for prompt, mine, reference in zip(prompts, split, whole):
-        ids = prompt_request(one_device, prompt, 24).prompt_ids
+        ids = prompt_request(one_device, prompt, 16).prompt_ids
         assert_same_or_near_tie(one_device.loaded.model, one_device.loaded.tokenizer, prompt, mine, reference, ids)
     assert sum(a == b for a, b in zip(split, whole)) >= 14
-    assert sum(len(tokens) for tokens in whole) > 16 * 12, "real answers, not an end token at once"
+    assert sum(len(tokens) for tokens in whole) > 16 * 8, "real answers, not an end token at once"
 
 
 def event(instruction: str, adapter: str | None = None, **generation) -> dict:

@@ -156,3 +156,25 @@ def test_the_benchmark_compares_three_ranks_with_one_device_and_ends_with_its_fi
     assert figures["same_c2"] == figures["answers_c2"] == 2
     assert any("x one device's" in line for line in lines)
     assert no_rank_left()
+
+
+def test_under_torchrun_the_handler_takes_the_ranks_it_is_given(base_model_dir):
+    """``torchrun --nproc-per-node 3 handler.py``: rank 0 answers the event as one device does, the
+    others follow it and exit with it."""
+    job = {"prompt_config": {"instruction": seed_tasks(1, skip=160)[0]["instruction"]}, "generation_config": {"max_new_tokens": 12}}
+    one = Worker.start(Settings(dtype="float32", kv_cache_tokens=2048))
+    try:
+        expected = one.complete(job)["output"]
+    finally:
+        one.close()
+    env = {k: v for k, v in os.environ.items() if k != "RUNPOD_WEBHOOK_GET_JOB"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "3", "handler.py",
+         "--test_input", json.dumps({"input": job})],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**env, "TENSOR_PARALLEL_SIZE": "3", "DTYPE": "float32", "KV_CACHE_TOKENS": "2048"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 of 3" in done.stderr and "rank 2 of 3" in done.stderr
+    result = next(line for line in done.stdout.splitlines() if "Job result:" in line)
+    assert repr(expected)[1:-1] in result
