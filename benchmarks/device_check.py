@@ -26,7 +26,9 @@ seconds, and the JSON figures the throughput runs print last. The phases, in ord
    the device works with steps one after the other and overlapped (``OVERLAP_STEPS``), and whether the
    answers are the same (on the CPU: the simulated GPU itself);
 and, only when ``--only`` names them, one part at a time: ``throughput-attention-kernel``
-(``ATTENTION_BACKEND=triton``) and ``throughput-compile`` (``DECODE_COMPILE=inductor``).
+(``ATTENTION_BACKEND=triton``), ``throughput-compile`` (``DECODE_COMPILE=inductor``) and
+``throughput-nf4`` (``LOAD_4BIT=1``: the 7B shape in NF4, tok/s at 1 to 128 streams and peak memory,
+against ``throughput-default``'s bf16; it needs bitsandbytes on the device, which the kit does not carry).
 """
 
 from __future__ import annotations
@@ -144,11 +146,12 @@ def phases(shape: str, cpu: bool) -> list[tuple[str, list[str], dict, int]]:
                            *(["--concurrency", "1", "8", "--requests", "8", "--max-new-tokens", "16"] if cpu else ["--real", "--shape", shape])], {}, 300),
         # one part at a time, for the table of what each bought: run only when named (--only)
         *[(f"throughput-{name}", [*throughput, "--no-peer", "--adapters", "0"], {key: value, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300)
-          for name, (key, value) in {"attention-kernel": ("ATTENTION_BACKEND", "triton"), "compile": ("DECODE_COMPILE", "inductor")}.items()],
+          for name, (key, value) in {"attention-kernel": ("ATTENTION_BACKEND", "triton"), "compile": ("DECODE_COMPILE", "inductor"),
+                                     "nf4": ("LOAD_4BIT", "1")}.items()],
     ]
 
 
-ON_REQUEST = {"throughput-attention-kernel", "throughput-compile"}  # phases run only when --only names them
+ON_REQUEST = {"throughput-attention-kernel", "throughput-compile", "throughput-nf4"}  # phases run only when --only names them
 
 
 def run_phases(out: Path, shape: str, cpu: bool, only: list[str] | None) -> dict:

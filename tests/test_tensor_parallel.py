@@ -207,7 +207,7 @@ def test_mixed_adapters_answer_as_peft_does_on_one_model(three_ranks, adapter_di
     assert split[0] != split[1], "the two adapters answer differently"
 
 
-def test_the_http_door_streams_the_same_chat_under_tensor_parallel(three_ranks, one_device):
+def test_the_http_door_streams_the_same_chat_and_prompt_logprobs_under_tensor_parallel(three_ranks, one_device):
     questions = [task["instruction"] for task in seed_tasks(3, skip=140)]
 
     async def chats(url):
@@ -219,14 +219,20 @@ def test_the_http_door_streams_the_same_chat_under_tensor_parallel(three_ranks, 
             )
             return [(c.choices[0].delta.content, c.choices[0].finish_reason) async for c in stream if c.choices]
 
+        async def echoed():  # the prompt's own logprobs: a forward that keeps every position's logits
+            answer = await client.completions.create(model="base", prompt=questions[0], max_tokens=4, echo=True, logprobs=1, temperature=0)
+            return answer.choices[0].logprobs.model_dump()
+
         async with client:
-            return await asyncio.gather(*(one(q) for q in questions))
+            return await asyncio.gather(*(one(q) for q in questions)), await echoed()
 
     results = []
     for worker in (three_ranks, one_device):
         with running(create_app(worker, ServerSettings())) as url:
             results.append(asyncio.run(chats(url)))
-    assert results[0] == results[1]
+    assert results[0][0] == results[1][0]
+    assert results[0][1]["tokens"][:5] == results[1][1]["tokens"][:5] and len(results[0][1]["tokens"]) > 8
+    assert_close(results[0][1], results[1][1])
 
 
 def test_beam_search_is_refused_under_tensor_parallel_naming_the_field(three_ranks):
