@@ -302,7 +302,7 @@ def load(settings: Settings, parallel: TensorParallel | None):
 def follow(settings: Settings, rank: int, world: int, address: str, status: int | None) -> int:
     """A rank other than 0: load and cut the model as rank 0 does, join, then run what rank 0
     tells until it says stop. Returns the process's exit code."""
-    from llm_worker.engine.runner import StepRunner  # noqa: F401  (the engine's modules, loaded before the model)
+    from llm_worker.engine.device import device_for
     from llm_worker.engine.startup import start_runner
     from llm_worker.model.adapters import load_into
     from llm_worker.service import _context_length, engine_config
@@ -322,7 +322,8 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
     try:
         ranks.join(address)
         config = engine_config(settings, _context_length(loaded))
-        runner = start_runner(model, config, device, loaded.dtype, _device_queue(device), ranks)
+        runner = start_runner(model, config, device, loaded.dtype, device_for(device), ranks)
+        loaded_here: dict[str, tuple[str, str]] = {}  # name -> (folder, revision) of what rank 0 told
         with torch.inference_mode():
             while True:
                 kind, *args = ranks.receive()
@@ -333,7 +334,7 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
                 elif kind == "capture":
                     runner.capture_pending()
                 elif kind == "adapters":
-                    model = sync_adapters(model, dict(args[0]), parallel, load_into)
+                    model = sync_adapters(model, args[0], loaded_here, parallel, load_into)
                     runner.set_model(model)
     except RankLost as err:
         log.error("rank %d stops: %s", rank, err)
@@ -345,21 +346,21 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
         ranks.leave()
 
 
-def sync_adapters(model, wanted: dict[str, str], parallel: TensorParallel, load_into):
-    """Make this rank's loaded adapters ``wanted`` (name -> folder), as rank 0's are now."""
-    for name in [name for name in getattr(model, "peft_config", {}) if name not in wanted]:
+def sync_adapters(model, wanted: list[tuple[str, str, str]], loaded_here: dict, parallel: TensorParallel, load_into):
+    """Make this rank's adapters rank 0's now: ``wanted`` (name, folder, revision); an adapter
+    loaded again under its name (a new revision) is replaced. ``loaded_here``: name -> (folder,
+    revision) of what rank 0 told before, kept up to date."""
+    versions = {name: (folder, revision) for name, folder, revision in wanted}
+    stale = [n for n in getattr(model, "peft_config", {}) if n not in versions or loaded_here.get(n, versions[n]) != versions[n]]
+    for name in stale:
         model.delete_adapter(name)
-    for name, folder in wanted.items():
+        loaded_here.pop(name, None)
+    for name, (folder, revision) in versions.items():
         if name not in getattr(model, "peft_config", {}):
             model = load_into(model, folder, name)
+        loaded_here[name] = (folder, revision)
     parallel.adopt(model)
     return model
-
-
-def _device_queue(device: torch.device):
-    from llm_worker.engine.device import device_for
-
-    return device_for(device)
 
 
 def _say(fd: int | None, line: str) -> None:

@@ -241,10 +241,10 @@ class AdapterManager:
         log.info("Loaded adapter %s from %s", name, folder)
         return model
 
-    def loaded_folders(self) -> list[tuple[str, str]]:
-        """(name, folder) of every adapter in the model now (the other tensor-parallel ranks follow them)."""
+    def loaded_folders(self) -> list[tuple[str, str, str]]:
+        """(name, folder, revision) of every adapter in the model now (the other tensor-parallel ranks follow them)."""
         with self._lock:
-            return [(name, str(folder)) for name, folder in self._loaded.items()]
+            return [(name, str(folder), self.revision(name)) for name, folder in self._loaded.items()]
 
     def locate(self, name: str) -> Path:
         """The adapter's local folder, kept inside ADAPTER_DIR for names found there."""
