@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         same = sum(a == b for a, b in zip(split[c].outputs, one[c].outputs))
         say(f"{c} at once: TENSOR_PARALLEL_SIZE={args.size} makes {split[c].tok_s:.1f} tok/s, {ratio:.2f}x one device's "
             f"{one[c].tok_s:.1f}; {same} of {len(one[c].outputs)} answers the same")
-        result.update({f"tok_s_c{c}_tp1": round(one[c].tok_s, 1), f"tok_s_c{c}_tp{args.size}": round(split[c].tok_s, 1),
+        result.update({f"tok_s_c{c}_tp1": round(one[c].tok_s, 2), f"tok_s_c{c}_tp{args.size}": round(split[c].tok_s, 2),
                        f"ratio_c{c}": round(ratio, 3), f"same_c{c}": same, f"answers_c{c}": len(one[c].outputs)})
     print(json.dumps(result))
 

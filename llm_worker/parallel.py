@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_worker.engine.ranks import Ranks, RankLost
-from llm_worker.model.sharding import Reductions, Shape, Shard, check_adapter, plan_of, shard_adapter, shard_model
-from llm_worker.settings import SECRETS, Settings
+from llm_worker.model.sharding import Reductions, Shape, Shard, check_adapter, describe_plan, plan_of, shard_adapter, shard_model
+from llm_worker.settings import PROJECT_ROOT, SECRETS, Settings
 
 log = logging.getLogger("llm_worker.parallel")  # also when run as __main__ (the other ranks)
 
@@ -172,13 +172,6 @@ class TensorParallel:
             torch.set_num_threads(self.threads)
 
 
-def describe_plan(plan: dict[str, str]) -> str:
-    by_style: dict[str, list[str]] = {}
-    for path, style in plan.items():
-        by_style.setdefault(style, []).append(path.rsplit(".", 1)[-1])
-    return "; ".join(f"{style}: {', '.join(names)}" for style, names in by_style.items())
-
-
 def _ready(fd: int, wait: float) -> bool:
     return bool(select.select([fd], [], [], wait)[0])
 
@@ -236,7 +229,7 @@ def start(settings: Settings) -> TensorParallel | None:
             parallel.processes[rank] = subprocess.Popen(
                 [sys.executable, "-m", "llm_worker.parallel", "--rank", str(rank), "--world", str(world),
                  "--address", address, "--status-fd", str(write), "--parent", str(os.getpid())],
-                env=environment, pass_fds=(write,),
+                env=environment, pass_fds=(write,), cwd=PROJECT_ROOT,  # where ``-m llm_worker`` imports from
             )
             os.close(write)
     except Exception:

@@ -152,7 +152,7 @@ def test_the_benchmark_compares_three_ranks_with_one_device_and_ends_with_its_fi
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
     assert figures["size"] == 3 and figures["tok_s_c2_tp1"] > 0 and figures["tok_s_c2_tp3"] > 0
-    assert figures["ratio_c2"] == pytest.approx(figures["tok_s_c2_tp3"] / figures["tok_s_c2_tp1"], rel=0.01)
+    assert figures["ratio_c2"] == pytest.approx(figures["tok_s_c2_tp3"] / figures["tok_s_c2_tp1"], rel=0.02)  # tok/s rounded to 0.01
     assert figures["same_c2"] == figures["answers_c2"] == 2
     assert any("x one device's" in line for line in lines)
     assert no_rank_left()

@@ -72,6 +72,14 @@ def plan_of(model) -> dict[str, str]:
     return plan
 
 
+def describe_plan(plan: dict[str, str]) -> str:
+    """The plan in a few words, for the start log: each style and the layers it cuts."""
+    by_style: dict[str, list[str]] = {}
+    for path, style in plan.items():
+        by_style.setdefault(style, []).append(path.rsplit(".", 1)[-1])
+    return "; ".join(f"{style}: {', '.join(names)}" for style, names in by_style.items())
+
+
 def check_split(shape: Shape, world: int) -> None:
     """Refuse a size that does not divide the heads (or whose KV heads neither divide it nor are
     divided by it), naming the setting."""
