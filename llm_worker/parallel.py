@@ -297,7 +297,6 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
     tells until it says stop. Returns the process's exit code."""
     from llm_worker.engine.device import device_for
     from llm_worker.engine.startup import start_runner
-    from llm_worker.model.adapters import load_into
     from llm_worker.service import _context_length, engine_config
 
     device = rank_device(settings, rank)
@@ -327,7 +326,7 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
                 elif kind == "capture":
                     runner.capture_pending()
                 elif kind == "adapters":
-                    model = sync_adapters(model, args[0], loaded_here, parallel, load_into)
+                    model = sync_adapters(model, args[0], loaded_here, parallel)
                     runner.set_model(model)
     except RankLost as err:
         log.error("rank %d stops: %s", rank, err)
@@ -339,10 +338,12 @@ def follow(settings: Settings, rank: int, world: int, address: str, status: int 
         ranks.leave()
 
 
-def sync_adapters(model, wanted: list[tuple[str, str, str]], loaded_here: dict, parallel: TensorParallel, load_into):
+def sync_adapters(model, wanted: list[tuple[str, str, str]], loaded_here: dict, parallel: TensorParallel):
     """Make this rank's adapters rank 0's now: ``wanted`` (name, folder, revision); an adapter
     loaded again under its name (a new revision) is replaced. ``loaded_here``: name -> (folder,
     revision) of what rank 0 told before, kept up to date."""
+    from llm_worker.model.adapters import load_into
+
     versions = {name: (folder, revision) for name, folder, revision in wanted}
     stale = [n for n in getattr(model, "peft_config", {}) if n not in versions or loaded_here.get(n, versions[n]) != versions[n]]
     for name in stale:

@@ -145,8 +145,10 @@ def test_sigterm_ends_the_server_and_every_rank():
     assert not [rank for rank in ranks.values() if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_the_benchmark_compares_three_ranks_with_one_device_and_ends_with_its_figures(capsys, base_model_dir):
+def test_the_benchmark_compares_three_ranks_with_one_device_and_ends_with_its_figures(capsys, monkeypatch, base_model_dir):
     from benchmarks import tensor_parallel
+
+    monkeypatch.setenv("DTYPE", "float32")  # the benchmark's own default, whatever DTYPE the tests run with
 
     tensor_parallel.main(["--size", "3", "--concurrency", "2", "--requests", "2", "--max-new-tokens", "6"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm_worker.model.loading import weight_bytes
+
 COLWISE, ROWWISE = "colwise", "rowwise"
 REPLICATED = ("replicated_with_grad_allreduce",)  # the same on every rank at inference
 
@@ -181,7 +183,7 @@ def shard_model(model, shard: Shard) -> int:
     for module in _base(model).modules():
         if hasattr(module, "num_key_value_groups") and hasattr(module, "q_proj"):
             module.num_key_value_groups = groups
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return weight_bytes(model)
 
 
 def check_adapter(config: dict, name: str, world: int) -> None:
