@@ -278,13 +278,16 @@ def load(settings: Settings, parallel: TensorParallel | None):
     """The model and its adapters as the settings say (the default adapter active), on every rank
     the same way; under tensor parallel cut to this rank's shard before any adapter is loaded."""
     from llm_worker.model.adapters import AdapterManager
-    from llm_worker.model.loading import adapter_name, load_model
+    from llm_worker.model.loading import adapter_name, load_model, merge_lora
 
-    loaded = load_model(settings)
+    loaded = load_model(settings, None if parallel is None else (parallel.ranks.rank, parallel.ranks.world))
+    if parallel is not None:
+        parallel.prepare(loaded.model)
+        if settings.lora_weights and settings.merge_lora:  # into the rank's slices, the adapter cut as they are
+            loaded.model, loaded.merged_adapter = merge_lora(loaded.model, settings, loaded.tokenizer, sharding=parallel)
     default = adapter_name(settings.lora_weights) if settings.lora_weights else None
     adapters = AdapterManager(settings, default=None if loaded.merged_adapter else default, merged=loaded.merged_adapter)
     if parallel is not None:
-        parallel.prepare(loaded.model)
         adapters.sharding = parallel
     if adapters.default:
         loaded.model = adapters.activate(loaded.model, adapters.default, in_use=set())

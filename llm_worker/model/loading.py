@@ -118,7 +118,10 @@ def fix_special_tokens(model, tokenizer) -> None:
     tokenizer.padding_side = "left"
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings, rank: tuple[int, int] | None = None) -> LoadedModel:
+    """The base model as the settings say. ``rank`` (rank, world) under tensor parallel: the rank's
+    slices only, where the checkpoint allows (``sliced.py``), and MERGE_LORA left to the caller,
+    which merges once the adapter is cut too."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, settings.load_8bit)
@@ -133,20 +136,31 @@ def load_model(settings: Settings) -> LoadedModel:
     how = f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization else f" (a quantized checkpoint: {checkpoint.describe()})" if checkpoint else ""
     log.info("Loading %s on %s as %s%s", name, device, dtype, how)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=dtype,
-        device_map={"": device},
-        trust_remote_code=settings.trust_remote_code,
-        **({"quantization_config": quantization} if quantization else {}),  # None would override a checkpoint's own
-    )
+    model = None
+    if rank is not None:
+        from llm_worker.model.sliced import load_shard
+
+        if checkpoint is not None:
+            raise quantized.QuantizationError(
+                f"TENSOR_PARALLEL_SIZE: {name} is a quantized checkpoint ({checkpoint.describe()}); tensor parallel splits "
+                "plain weights only: serve it on one device (TENSOR_PARALLEL_SIZE=1)"
+            )
+        model = load_shard(folder, *rank, device, dtype, settings.trust_remote_code)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=settings.trust_remote_code,
+            **({"quantization_config": quantization} if quantization else {}),  # None would override a checkpoint's own
+        )
     fix_special_tokens(model, tokenizer)
     if device.type == "cpu":
         keep_4bit_weights_unpacked(model)
     if checkpoint is not None:
         log.info("Quantized weights (%s): %.2f GiB on %s", checkpoint.describe(), weight_bytes(model) / 2**30, device)
     merged = None
-    if settings.lora_weights and settings.merge_lora:
+    if settings.lora_weights and settings.merge_lora and rank is None:
         model, merged = merge_lora(model, settings, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, name, device, dtype, merged, time.perf_counter() - started)
@@ -162,16 +176,26 @@ def keep_4bit_weights_unpacked(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def merge_lora(model, settings: Settings, tokenizer):
-    """MERGE_LORA=1: fold LORA_WEIGHTS into the base weights (no per-step LoRA cost)."""
+def merge_lora(model, settings: Settings, tokenizer, sharding=None):
+    """MERGE_LORA=1: fold LORA_WEIGHTS into the base weights (no per-step LoRA cost). Under tensor
+    parallel (``sharding``: the rank's ``TensorParallel``) into the rank's slices, the adapter cut
+    the same way first."""
     from peft import PeftModel
 
-    from llm_worker.model.adapters import check_compatible
+    from llm_worker.model.adapters import adapter_config, check_compatible
 
     folder = resolve_adapter_source(settings.lora_weights, settings)
     name = adapter_name(settings.lora_weights)
     check_compatible(model, folder, name, settings.max_lora_rank, tokenizer)
-    return PeftModel.from_pretrained(model, folder, adapter_name=name).merge_and_unload(), name
+    if sharding is not None:
+        sharding.check_adapter(adapter_config(folder, name), name)
+    model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+    if sharding is not None:
+        sharding.adopt(model)
+    model = model.merge_and_unload()
+    if sharding is not None:
+        sharding.adopt(model)
+    return model, name
 
 
 def adapter_name(source: str) -> str:

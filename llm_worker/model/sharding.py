@@ -170,15 +170,15 @@ def shard_model(model, shard: Shard) -> int:
         layer = getattr(module, "base_layer", module)
         if type(layer) is not torch.nn.Linear:  # quantized layers, fused kernels: not cut here
             raise ShardingError(f"TENSOR_PARALLEL_SIZE: {name} is a {type(layer).__name__}; this worker splits plain linear layers")
-        if style == COLWISE:
+        if style == COLWISE and layer.weight.shape[0] == layer.out_features:  # not yet cut (``sliced.py`` reads it cut)
             rows = shard.rows(layer.out_features)
             layer.weight = _keep(layer.weight, (rows,))
             if layer.bias is not None:
                 layer.bias = _keep(layer.bias, (rows,))
-        else:
+        elif style != COLWISE and layer.weight.shape[1] == layer.in_features:
             layer.weight = _keep(layer.weight, (slice(None), shard.rows(layer.in_features)))
-            if layer.bias is not None and shard.rank:  # added once, by rank 0's part of the sum
-                layer.bias.data.zero_()
+        if style != COLWISE and layer.bias is not None and shard.rank:  # added once, by rank 0's part of the sum
+            layer.bias.data.zero_()
     groups = shard.heads // shard.kv_heads
     for module in _base(model).modules():
         if hasattr(module, "num_key_value_groups") and hasattr(module, "q_proj"):
