@@ -132,8 +132,8 @@ def load_model(settings: Settings, rank: tuple[int, int] | None = None) -> Loade
     checkpoint = quantized.read(folder)
     if checkpoint is not None:
         quantized.check_runs_here(checkpoint, device, settings.load_8bit, settings.load_4bit)
-    quantization = quantization_config(settings, dtype)
-    how = f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization else f" (a quantized checkpoint: {checkpoint.describe()})" if checkpoint else ""
+    quantization = quantization_config(settings, dtype) or (quantized.loading_config(checkpoint) if checkpoint else None)
+    how = f" ({'8' if settings.load_8bit else '4'}-bit)" if settings.load_8bit or settings.load_4bit else f" (a quantized checkpoint: {checkpoint.describe()})" if checkpoint else ""
     log.info("Loading %s on %s as %s%s", name, device, dtype, how)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     model = None
@@ -158,7 +158,8 @@ def load_model(settings: Settings, rank: tuple[int, int] | None = None) -> Loade
     if device.type == "cpu":
         keep_4bit_weights_unpacked(model)
     if checkpoint is not None:
-        log.info("Quantized weights (%s): %.2f GiB on %s", checkpoint.describe(), weight_bytes(model) / 2**30, device)
+        how = quantized.settle(model, checkpoint, dtype)
+        log.info("Quantized weights (%s): %.2f GiB on %s%s", checkpoint.describe(), weight_bytes(model) / 2**30, device, how)
     merged = None
     if settings.lora_weights and settings.merge_lora and rank is None:
         model, merged = merge_lora(model, settings, tokenizer)

@@ -85,3 +85,29 @@ def check_runs_here(quantization: Quantization, device: torch.device, load_8bit:
             f"{quantization.describe()}: loading it needs the {package} package, which this image lacks "
             f"(pip install {package.replace('_', '-')})"
         )
+
+
+def loading_config(quantization: Quantization):
+    """What ``from_pretrained`` is given beside the checkpoint's own ``quantization_config``:
+    compressed-tensors FP8 keeps its FP8 weights and runs transformers' FP8 matmuls
+    (``use_optimized_inference``; ``check_runs_here`` has made sure the GPU has them), where
+    transformers' default would dequantize them."""
+    if quantization.method == "compressed-tensors" and quantization.fp8:
+        from transformers import CompressedTensorsConfig
+
+        return CompressedTensorsConfig(use_optimized_inference=True)
+    return None
+
+
+def settle(model, quantization: Quantization, dtype: torch.dtype) -> str:
+    """After the load: compressed-tensors integer weights (W4A16, W8A16) decompressed now, as
+    transformers would at the first forward (it has no integer kernels for them), so that the KV
+    cache is sized on the memory they really take. Returns what the start log adds."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if quantization.method != "compressed-tensors" or quantization.fp8 or compressor is None:
+        return ""
+    compressor.decompress_model(model)
+    return (
+        f", decompressed to {str(dtype).removeprefix('torch.')} at load: transformers has no integer kernels for "
+        "compressed-tensors, so the checkpoint saves download and disk, not memory"
+    )
