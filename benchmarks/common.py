@@ -286,3 +286,41 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def compressed_tensors_checkpoint(source: Path, target: Path, scheme: str, device: str = "cpu", group_size: int | None = None) -> Path:
+    """``source`` quantized with compressed-tensors' own library and saved as llm-compressor saves
+    it: ``scheme`` one of its presets (``W4A16``, ``W8A16``, ``FP8_DYNAMIC``, ...), the scales of
+    each weight from its min and max (round to nearest, no calibration data), the LM head kept.
+    ``group_size`` overrides the preset's where it does not divide a model's widths."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, device_map={"": device})
+    quantization = preset_name_to_scheme(scheme, ["Linear"])
+    if group_size is not None:
+        quantization.weights = quantization.weights.model_copy(update={"group_size": group_size})
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": quantization}, ignore=["lm_head"]))
+    for module in model.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None:
+            continue
+        weight = module.weight.data.float()
+        if args.strategy == "group":
+            weight = weight.reshape(weight.shape[0], -1, args.group_size)
+        elif args.strategy == "tensor":
+            weight = weight.reshape(1, -1)
+        elif args.strategy != "channel":
+            raise ValueError(f"{scheme}: weights quantized by {args.strategy} are not made here")
+        scale, zero = calculate_qparams(weight.amin(-1), weight.amax(-1), args)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(target)
+    compressor.update_config(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target

@@ -28,7 +28,9 @@ seconds, and the JSON figures the throughput runs print last. The phases, in ord
 and, only when ``--only`` names them, one part at a time: ``throughput-attention-kernel``
 (``ATTENTION_BACKEND=triton``), ``throughput-compile`` (``DECODE_COMPILE=inductor``) and
 ``throughput-nf4`` (``LOAD_4BIT=1``: the 7B shape in NF4, tok/s at 1 to 128 streams and peak memory,
-against ``throughput-default``'s bf16; it needs bitsandbytes on the device, which the kit does not carry).
+against ``throughput-default``'s bf16; it needs bitsandbytes on the device, which the kit does not carry) and
+``throughput-fp8`` (the 7B shape saved as a compressed-tensors FP8_DYNAMIC checkpoint there, served with
+transformers' FP8 matmuls: tok/s and memory against bf16; never run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ KIT = ROOT / ".device"
 WHEELS = [
     "transformers", "peft", "accelerate", "pydantic", "pydantic-core", "typing-extensions", "typing-inspection",
     "annotated-types", "pydantic-settings", "python-dotenv", "llguidance", "uvicorn", "h11", "click", "filelock",
-    "pytest", "pluggy", "iniconfig", "pygments", "packaging", "jinja2", "markupsafe",
+    "pytest", "pluggy", "iniconfig", "pygments", "packaging", "jinja2", "markupsafe", "compressed-tensors", "loguru",
 ]
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64"]
 TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
@@ -148,10 +150,12 @@ def phases(shape: str, cpu: bool) -> list[tuple[str, list[str], dict, int]]:
         *[(f"throughput-{name}", [*throughput, "--no-peer", "--adapters", "0"], {key: value, **({"TRITON_INTERPRET": "1"} if cpu else {})}, 300)
           for name, (key, value) in {"attention-kernel": ("ATTENTION_BACKEND", "triton"), "compile": ("DECODE_COMPILE", "inductor"),
                                      "nf4": ("LOAD_4BIT", "1")}.items()],
+        # a compressed-tensors FP8 checkpoint of the same shape, made there (on the CPU, where FP8 is refused: W8A16)
+        ("throughput-fp8", [*throughput, "--no-peer", "--adapters", "0", *(["--quantize", "W8A16", "--group-size", "16"] if cpu else ["--quantize", "FP8_DYNAMIC"])], {}, 300),
     ]
 
 
-ON_REQUEST = {"throughput-attention-kernel", "throughput-compile", "throughput-nf4"}  # phases run only when --only names them
+ON_REQUEST = {"throughput-attention-kernel", "throughput-compile", "throughput-nf4", "throughput-fp8"}  # phases run only when --only names them
 
 
 def run_phases(out: Path, shape: str, cpu: bool, only: list[str] | None) -> dict:

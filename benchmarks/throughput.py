@@ -1,7 +1,7 @@
 """Throughput of the engine against the seed's way (and transformers' own batching), in one run.
 
     python -m benchmarks.throughput [--shape llama-7b|tiny] [--requests 96] [--sequential-requests 16]
-                                    [--max-new-tokens 128] [--concurrency 1 8 32 128]
+                                    [--quantize FP8_DYNAMIC] [--max-new-tokens 128] [--concurrency 1 8 32 128]
                                     [--adapters 4] [--adapter-concurrency 32] [--peer | --no-peer]
                                     [--structured | --no-structured] [--prefix | --no-prefix]
 
@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.baselines import SeedProcess, run_seed_baseline, run_transformers_batch
 from benchmarks.common import (
+    compressed_tensors_checkpoint,
     random_model_folder,
     format_table,
     make_random_adapters,
@@ -59,6 +60,11 @@ def say(message: str) -> None:
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["llama-7b", "tiny"], help="random-weight LLaMA shape built on the device")
+    parser.add_argument(
+        "--quantize", choices=["FP8_DYNAMIC", "W4A16", "W8A16"],
+        help="with --shape: serve the random model saved as a compressed-tensors checkpoint of this scheme (made on the device)",
+    )
+    parser.add_argument("--group-size", type=int, help="with --quantize: the weights' group size, where the scheme's own does not divide the shape")
     parser.add_argument("--requests", type=int, default=96, help="requests per concurrent run (at least 2x its concurrency)")
     parser.add_argument("--sequential-requests", type=int, default=16, help="requests for the seed baseline and c=1")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -88,6 +94,12 @@ def main() -> None:
     if args.shape:
         folder, dtype, built = random_model_folder(args.shape, device)
         say(f"{'built' if built else 'reusing'} the random {args.shape} model in {folder} ({dtype}, {device})")
+        if args.quantize:
+            quantized = folder.with_name(f"{folder.name}-{args.quantize.lower()}")
+            if not quantized.is_dir():
+                compressed_tensors_checkpoint(folder, quantized, args.quantize, device, args.group_size)
+            folder = quantized
+            say(f"serving it as a compressed-tensors {args.quantize} checkpoint: {folder}")
         os.environ.update(BASE_MODEL=str(folder), DTYPE=dtype)
     os.environ.setdefault("MAX_BATCH_SIZE", str(max(args.concurrency + [args.adapter_concurrency])))
     model_dir = resolve_base_model(Settings())

@@ -100,8 +100,9 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
         assert [name for name, *_ in planned] == [
             "environment", "stand-in", "kernel-tests", "attention", "step-profile", "throughput-default",
             "throughput-kernels", "simulated-gpu", "throughput-attention-kernel", "throughput-compile", "throughput-nf4",
+            "throughput-fp8",
         ]
-        assert device_check.ON_REQUEST == {"throughput-attention-kernel", "throughput-compile", "throughput-nf4"}
+        assert device_check.ON_REQUEST == {"throughput-attention-kernel", "throughput-compile", "throughput-nf4", "throughput-fp8"}
         for name, command, env, limit in planned:
             assert command[0] == sys.executable and 0 < limit <= 300
             if command[1] == "-m":
@@ -118,6 +119,7 @@ def test_the_device_check_runs_what_exists_with_arguments_its_scripts_accept():
         kernels = planned[6][2]
         assert planned[8][2]["ATTENTION_BACKEND"] == "triton" and planned[9][2]["DECODE_COMPILE"] == "inductor"
         assert planned[10][2]["LOAD_4BIT"] == "1"
+        assert throughput.arguments(planned[11][1][3:]).quantize == ("W8A16" if cpu else "FP8_DYNAMIC")
         assert kernels["ATTENTION_BACKEND"] == "triton" and kernels["DECODE_COMPILE"] == "inductor"
         assert (planned[2][2]["DEVICE"], "TRITON_INTERPRET" in planned[2][2]) == (("cpu", True) if cpu else ("cuda", False))
 

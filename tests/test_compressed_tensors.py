@@ -1,6 +1,7 @@
-"""A compressed-tensors checkpoint (W4A16, the format llm-compressor publishes) made here with
-compressed-tensors' own library: served with the tokens of transformers' ``generate`` on the same
-checkpoint, an adapter on top as PEFT answers, and the start log saying what it takes in memory."""
+"""compressed-tensors checkpoints (the format llm-compressor publishes), made here with
+compressed-tensors' own library: W4A16 served with the tokens of transformers' ``generate`` on the
+same checkpoint, an adapter on top as PEFT answers, and the start log saying what it takes in
+memory; FP8 (what ``device_check`` serves on a GPU) refused on the CPU."""
 
 import logging
 import shutil
@@ -9,44 +10,18 @@ import pytest
 import torch
 from conftest import seed_tasks
 from test_quantized import greedy
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from benchmarks.common import compressed_tensors_checkpoint
+from llm_worker.model import quantization
 from llm_worker.service import Worker
 from llm_worker.settings import Settings
-
-GROUP = 64  # divides the embedded model's widths (576, 1536); W4A16's own 128 does not divide 576
-
-
-def w4a16(base_model_dir, folder):
-    """The embedded model quantized to 4-bit integer weights in groups of 64, round to nearest
-    (the scales from each group's min and max, as compressed-tensors computes them), packed and
-    saved as compressed-tensors saves it."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16)
-    scheme = preset_name_to_scheme("W4A16", ["Linear"])
-    scheme.weights = scheme.weights.model_copy(update={"group_size": GROUP})
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
-    for module in model.modules():
-        if getattr(module, "quantization_scheme", None) is not None:
-            groups = module.weight.data.float().reshape(module.weight.shape[0], -1, GROUP)
-            scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), module.quantization_scheme.weights)
-            module.weight_scale.data.copy_(scale)
-            if hasattr(module, "weight_zero_point"):
-                module.weight_zero_point.data.copy_(zero)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(folder)
-    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, base_model_dir):
-    return w4a16(base_model_dir, tmp_path_factory.mktemp("w4a16") / "smollm2-w4a16")
+    # round to nearest in groups of 64 (W4A16's own 128 does not divide the embedded model's 576)
+    return compressed_tensors_checkpoint(base_model_dir, tmp_path_factory.mktemp("w4a16") / "smollm2-w4a16", "W4A16", group_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +92,20 @@ def test_the_start_log_says_the_weights_are_decompressed_and_what_they_take(star
     assert "KV cache: 2048 tokens" in text
     layer = worker.loaded.model.model.layers[0].mlp.down_proj
     assert layer.weight.dtype == torch.float32 and not hasattr(layer, "weight_packed")
+
+
+def test_an_fp8_checkpoint_is_refused_on_the_cpu_and_would_keep_its_fp8_weights_on_a_gpu(tmp_path, base_model_dir):
+    folder = compressed_tensors_checkpoint(base_model_dir, tmp_path / "fp8", "FP8_DYNAMIC")
+    read = quantization.read(folder)
+    assert read.describe() == "compressed-tensors, float8 weights"
+    assert quantization.loading_config(read).use_optimized_inference
+    worker = Worker.start(Settings(base_model=str(folder)))
+    assert worker.engine is None and "FP8 weights need a GPU of compute capability 8.9 or newer" in worker.load_error
+    # the checkpoint is what it says: its weights dequantized are the model's, within FP8's precision
+    served = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        served(torch.tensor([[1]]))  # transformers decompresses at the first forward
+    original = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    mine, theirs = served.model.layers[3].mlp.up_proj.weight, original.model.layers[3].mlp.up_proj.weight
+    assert mine.dtype == torch.float32 and not torch.equal(mine, theirs)
+    assert torch.allclose(mine, theirs, rtol=0.07, atol=theirs.abs().max().item() / 400)
