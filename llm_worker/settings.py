@@ -242,12 +242,15 @@ class ServerSettings(Environment):
         return origins(self.cors_origins)
 
     def authorizes(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """A request's raw headers carry ``Authorization: Bearer <API_KEY>`` (always, without a key),
-        compared in constant time."""
+        """A request's raw headers carry ``Authorization: Bearer <API_KEY>`` or, as Anthropic's
+        clients send it, ``x-api-key: <API_KEY>`` (always, without a key); compared in constant time."""
         if self.api_key is None:
             return True
-        scheme, _, given = dict(headers).get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.api_key.get_secret_value().encode())
+        key = self.api_key.get_secret_value().encode()
+        given = dict(headers)
+        scheme, _, bearer = given.get(b"authorization", b"").decode("latin-1").partition(" ")
+        by_bearer = scheme.lower() == "bearer" and hmac.compare_digest(bearer.strip().encode(), key)
+        return hmac.compare_digest(given.get(b"x-api-key", b"").strip(), key) or by_bearer
 
 
 def origins(value: str | None) -> list[str]:

@@ -83,6 +83,10 @@ def test_past_the_waiting_limit_requests_get_429_with_retry_after(narrow):
             assert chat.status_code == 429 and chat.headers["retry-after"] == "1"
             error = chat.json()["error"]
             assert error["code"] == "too_many_waiting_requests" and "MAX_WAITING_REQUESTS=1" in error["message"]
+            message = httpx.post(f"{url}/v1/messages", headers={"x-api-key": KEY},
+                                 json={"model": narrow.loaded.name, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+            assert message.status_code == 429 and message.headers["retry-after"] == "1"
+            assert message.json()["error"]["type"] == "rate_limit_error" and "MAX_WAITING_REQUESTS=1" in message.json()["error"]["message"]
             native = httpx.post(f"{url}/generate", headers=AUTH, json=job("Hi", max_new_tokens=4))
             assert native.status_code == 429 and "MAX_WAITING_REQUESTS=1" in native.json()["error"]
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from llm_worker import openai
+from llm_worker import anthropic, openai
 from llm_worker.doors.http import Door, Failure, Gate, native_events, read_json
 from llm_worker.doors.metrics import CONTENT_TYPE
 from llm_worker.engine import EngineError
@@ -65,6 +65,7 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     async def unrouted(request: Request, err: HTTPException) -> JSONResponse:
         known = (
             "; routes: GET /, GET /health, POST /generate, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, "
+            "POST /v1/messages, POST /v1/messages/count_tokens, "
             "POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics"
         )
         failure = Failure(err.status_code, f"{request.method} {request.url.path}: {err.detail}{known}")
@@ -178,6 +179,35 @@ def create_app(worker: Worker | None = None, config: ServerSettings | None = Non
     @app.post(openai.RESPONSES)
     async def responses(request: Request) -> Response:
         return await openai_route(request, openai.RESPONSES)
+
+    @app.post(anthropic.MESSAGES)
+    async def messages(request: Request) -> Response:
+        worker = door.admit()
+        body = await read_json(request, worker.limits.max_input_bytes)
+        try:
+            answer = anthropic.open_messages(worker, body)
+        except OpenAIError as err:
+            raise Failure.of(err) from None
+        if answer.streaming:
+            return door.stream(anthropic.MESSAGES, answer.sse())
+
+        async def whole() -> JSONResponse:
+            try:
+                return JSONResponse(await answer.whole_answer())
+            except EngineError as err:
+                status = door.engine_status()
+                return JSONResponse(anthropic.shaped(status, str(err)), status)
+
+        return await door.whole(anthropic.MESSAGES, request, whole())
+
+    @app.post(anthropic.COUNT_TOKENS)
+    async def count_tokens(request: Request) -> JSONResponse:
+        worker = door.ready()
+        body = await read_json(request, worker.limits.max_input_bytes)
+        try:
+            return JSONResponse(anthropic.count_tokens(worker, body))
+        except OpenAIError as err:
+            raise Failure.of(err) from None
 
     app.add_middleware(Gate, door=door, routes=frozenset(route.path for route in app.routes))
     if door.config.cors_origin_list:  # outermost: preflights are answered before the API key is asked for

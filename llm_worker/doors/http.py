@@ -16,9 +16,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_worker import openai
+from llm_worker import anthropic, openai
 from llm_worker.doors.metrics import Metrics
-from llm_worker.doors.server import LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
+from llm_worker.doors.server import ANTHROPIC_PATHS, LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
 from llm_worker.engine.memory import freeze_heap
 from llm_worker.openai import OpenAIError
 from llm_worker.parallel import exit_when_a_rank_is_lost
@@ -46,6 +46,8 @@ class Failure(Exception):
         return cls(err.status, str(err), openai=err)
 
     def body(self, path: str) -> Any:
+        if path.startswith(ANTHROPIC_PATHS):
+            return anthropic.shaped(self.status, str(self))
         if not path.startswith(OPENAI_PATHS):
             return {"error": str(self)}
         if self.openai is not None:
@@ -258,5 +260,6 @@ async def native_events(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator
 
 
 def is_error(event: str) -> bool:
-    """Whether a server-sent event is an error (native ``{"error": "..."}``, OpenAI's error object, a failed response)."""
-    return event.startswith(('data: {"error":', "event: response.failed"))
+    """Whether a server-sent event is an error (native ``{"error": "..."}``, OpenAI's error object, a failed response,
+    Anthropic's error event)."""
+    return event.startswith(('data: {"error":', "event: response.failed", "event: error"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llm_worker import openai
+from llm_worker import anthropic, openai
 from llm_worker.engine import EngineError
 from llm_worker.service import Worker, blocking, collect
 
@@ -14,7 +14,9 @@ from llm_worker.service import Worker, blocking, collect
 async def handle(worker: Worker, raw: Any, job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
     """A job's outputs, as the handler yields them: native dicts, or the OpenAI door's objects
     and server-sent-event lines. ``job_id`` (RunPod's) names the job in the logs."""
-    if isinstance(raw, dict) and "openai_route" in raw:
+    if isinstance(raw, dict) and raw.get("openai_route") in (anthropic.MESSAGES, anthropic.COUNT_TOKENS):
+        chunks = anthropic_job(worker, raw, job_id)
+    elif isinstance(raw, dict) and "openai_route" in raw:
         chunks = openai_job(worker, raw, job_id)
     else:
         chunks = worker.handle(raw, job_id)
@@ -54,7 +56,7 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
         if route not in (openai.CHAT, openai.COMPLETIONS, openai.RESPONSES):
             raise openai.OpenAIError(
                 f"openai_route: unknown route {route!r}; this worker serves {openai.CHAT}, {openai.COMPLETIONS}, {openai.RESPONSES}, "
-                f"{', '.join(openai.PLAIN_ROUTES)}",
+                f"{', '.join(openai.PLAIN_ROUTES)}, {anthropic.MESSAGES}, {anthropic.COUNT_TOKENS}",
                 "openai_route",
                 "unknown_route",
                 status=404,
@@ -71,3 +73,24 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
         yield await response.whole_answer()
     except EngineError as err:
         yield openai.server_error(err).body
+
+
+async def anthropic_job(worker: Worker, job: dict[str, Any], job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
+    """A gateway job for Anthropic's Messages API: the message object (or token count), or the
+    stream's event lines; errors in Anthropic's shape."""
+    try:
+        if job["openai_route"] == anthropic.COUNT_TOKENS:
+            yield anthropic.count_tokens(worker, job.get("openai_input"))
+            return
+        answer = anthropic.open_messages(worker, job.get("openai_input"), job_id)
+    except openai.OpenAIError as err:
+        yield anthropic.error_body(err)
+        return
+    if answer.streaming:
+        async for line in answer.sse():
+            yield line
+        return
+    try:
+        yield await answer.whole_answer()
+    except EngineError as err:
+        yield anthropic.error_body(openai.server_error(err))

@@ -39,7 +39,8 @@ log = logging.getLogger("llm_worker.doors.server")
 
 # What the door says, shared with its routes (``http.py``), which import the web framework this module must not
 LOADING = "the model is loading; retry shortly (GET /health answers 200 once it is loaded)"
-UNAUTHORIZED = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY>"
+UNAUTHORIZED = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY> (or x-api-key: <API_KEY>)"
+ANTHROPIC_PATHS = ("/v1/messages",)  # errors in Anthropic's shape (server.py imports no part of the worker before it starts)
 OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # errors in OpenAI's shape (vLLM's, for the last three)
 PUBLIC_PATHS = ("/", "/health")
 # After SIGTERM: the port closes at the latest this long after the grace (a request that ignores the engine's
@@ -95,6 +96,8 @@ class Starting:
             message, status, kind, code = UNAUTHORIZED, 401, "invalid_request_error", "invalid_api_key"
         else:
             message, status, kind, code = reason, 503, "server_error", "worker_unavailable"
+        if path.startswith(ANTHROPIC_PATHS):
+            return status, {"type": "error", "error": {"type": "authentication_error" if status == 401 else "overloaded_error", "message": message}}
         if path.startswith(OPENAI_PATHS):
             return status, {"error": {"message": message, "type": kind, "param": None, "code": code}}
         return status, {"error": message}

@@ -86,6 +86,7 @@ class Lifecycle:
                 logprobs=list(seq.logprobs) if seq.request.logprobs is not None else None,
                 cached_tokens=seq.slot.cached,
                 prompt_logprobs=seq.prompt_logprobs if seq.request.prompt_logprobs is not None else None,
+                stop=seq.text.stop if reason == "stop" else None,
             ),
         )
 

@@ -61,6 +61,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens after the first, as the model scores them
+    stop: str | None = None  # finish_reason stop: the stop string that ended the answer (None: a stop token)
 
 
 @dataclass(frozen=True)

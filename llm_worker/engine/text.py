@@ -47,6 +47,7 @@ class AnswerText:
         self.read_offset = 0
         self.text = ""
         self.stopped = False
+        self.stop: str | None = None  # the stop string that ended the text, once one has
         self.sent = 0  # characters of the stripped answer already streamed
         self._lead = None if strip else 0  # leading whitespace to skip, known once a visible character arrives
 
@@ -62,7 +63,9 @@ class AnswerText:
             start = max(0, before - self.longest_stop + 1)
             found = [at for at in (self.text.find(stop, start) for stop in self.stops) if at >= 0]
             if found and (self.may_stop is None or self.may_stop(self.text[: min(found)])):
-                self.text = self.text[: min(found)]
+                at = min(found)
+                self.stop = next(stop for stop in self.stops if self.text.find(stop, start) == at)
+                self.text = self.text[:at]
                 self.stopped = True
 
     def _window(self) -> str:

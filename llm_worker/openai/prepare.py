@@ -95,15 +95,16 @@ def chat_template(worker: Worker, adapter: str | None) -> str | None:
 
 def chat_prompt(
     worker: Worker, messages: list[Message], tools: list[Tool] | None = None, offered: list[Tool] | None = None,
-    adapter: str | None = None,
+    adapter: str | None = None, continued: bool = False,
 ) -> tuple[list[int], tuple[str, ...]]:
     """Token ids of the conversation through the chat template (``chat_template``), and the stop
     strings that template implies. ``offered``: the tools the answer may call; a template that
-    ignores tools gets them described (``tool_calls.describe_tools``)."""
+    ignores tools gets them described (``tool_calls.describe_tools``). ``continued``: the answer
+    continues the last message (a prefill), left open."""
     tokenizer = worker.loaded.tokenizer
     template = chat_template(worker, adapter)
     if template not in file_templates() and offered and tool_format(tokenizer, template).describe:
-        return _render(worker, describe_tools(messages, offered), None, template)
+        return _render(worker, describe_tools(messages, offered), None, template, continued)
     if template in file_templates():
         if tools or any(m.role == "tool" for m in messages):
             raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
@@ -118,11 +119,12 @@ def chat_prompt(
         ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         return ids, prompt.stop
     functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
-    return _render(worker, [m.for_template() for m in messages], functions, template)
+    return _render(worker, [m.for_template() for m in messages], functions, template, continued)
 
 
 def _render(
-    worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None, template: str | None
+    worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None, template: str | None,
+    continued: bool = False,
 ) -> tuple[list[int], tuple[str, ...]]:
     tokenizer = worker.loaded.tokenizer
     if template is None and not getattr(tokenizer, "chat_template", None):
@@ -134,9 +136,10 @@ def _render(
         )
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=True
+            conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=not continued,
+            continue_final_message=continued,
         )
-    except TemplateError as err:
+    except (TemplateError, ValueError) as err:
         raise OpenAIError(f"messages: the chat template refused them: {err}", "messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"], ()
 
@@ -185,7 +188,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
     if offered and request.logprobs:
         raise OpenAIError("logprobs: not available with tools (an answer may be calls, whose tokens are not text)", "logprobs")
     if chat:
-        prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter)]
+        prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter, request.continue_final_message)]
         fmt = tool_format(worker.loaded.tokenizer, chat_template(worker, adapter)) if offered else HERMES  # read by chat_prompt
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -233,6 +236,8 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
                 base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar, strict))
             elif isinstance(request.response_format, JsonSchemaResponseFormat) and request.response_format.json_schema.strict:
                 worker.grammars.compile("json_schema", generation["json_schema"], strict=True)  # OpenAI's strict: all enforced
+            if chat and request.continue_final_message:  # the text goes on from the prefill: its leading space is kept
+                base = replace(base, strip=False)
             if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
                 scored = logprobs if request.echo else None
                 base = replace(base, strip=False, prompt_logprobs=scored)

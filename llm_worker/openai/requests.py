@@ -159,6 +159,7 @@ class ChatRequest(_Request):
     tools: list[Tool] | None = Field(None, min_length=1)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call per answer
+    continue_final_message: bool = False  # vLLM's: the answer continues the last (assistant) message, a prefill
 
 
 class CompletionRequest(_Request):
@@ -247,6 +248,14 @@ def refuse_unsupported(request: _Request) -> None:
         raise OpenAIError("stream_options: only allowed when stream is true", "stream_options")
     if isinstance(request, ChatRequest) and request.top_logprobs is not None and not request.logprobs:
         raise OpenAIError("top_logprobs: needs logprobs set to true", "top_logprobs")
+    if isinstance(request, ChatRequest) and request.continue_final_message:
+        last = request.messages[-1]
+        if last.role != "assistant" or last.tool_calls:
+            raise OpenAIError(
+                "continue_final_message: the last message must be an assistant's text, which the answer continues", "continue_final_message"
+            )
+        if last.text != last.text.rstrip():
+            raise OpenAIError("messages: the final assistant message, which the answer continues, cannot end with whitespace", "messages")
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise OpenAIError("suffix: not supported (no fill-in-the-middle)", "suffix")
