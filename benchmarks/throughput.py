@@ -83,8 +83,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = arguments()
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("llm_worker").setLevel(logging.INFO)  # load time, KV capacity, graph capture
     logging.getLogger("llm_worker.jobs").setLevel(logging.WARNING)  # not a line per job: failures only

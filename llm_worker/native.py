@@ -5,13 +5,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from llm_worker.engine import Completion, Delta, GenerationRequest, TokenLogprob
 from llm_worker.schema import JobInput
 
-if TYPE_CHECKING:
-    from llm_worker.service import Worker
+
+class Worker(Protocol):
+    """What the native outputs read of ``service.Worker`` (which imports this module)."""
+
+    loaded: Any
+    adapters: Any
+
+    def choices(self, request: GenerationRequest) -> list[GenerationRequest]: ...
+
+    def events(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Any]]: ...
+
+    def token_text(self, token_id: int) -> str: ...
 
 
 async def answers(worker: Worker, job: JobInput, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:

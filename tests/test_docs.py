@@ -96,6 +96,8 @@ def make_run_installs() -> list[tuple[str, bool]]:
             continue
         follow = "--no-deps" not in words
         arguments = [word for word in words[1:] if word != "--no-deps"]
+        if arguments[0] == "-e":  # the project itself (its console command): PROJECT_PACKAGES
+            continue
         if arguments[0] == "-r":
             lines = (ROOT / arguments[1]).read_text().splitlines()
             found.extend((text, follow) for text in (line.split("#")[0].strip() for line in lines) if text)

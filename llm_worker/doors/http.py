@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_worker import anthropic, openai
 from llm_worker.doors.metrics import Metrics
-from llm_worker.doors.server import ANTHROPIC_PATHS, LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
+from llm_worker.doors.paths import ANTHROPIC_PATHS, LOADING, OPENAI_PATHS, PUBLIC_PATHS, UNAUTHORIZED
 from llm_worker.engine.memory import freeze_heap
 from llm_worker.openai import OpenAIError
 from llm_worker.parallel import exit_when_a_rank_is_lost

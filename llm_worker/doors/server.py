@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from llm_worker.doors.paths import ANTHROPIC_PATHS, LOADING, OPENAI_PATHS, UNAUTHORIZED
 from llm_worker.logs import configure_logging
 from llm_worker.settings import ServerSettings, SettingsError
 
@@ -37,12 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_worker.doors.server")
 
-# What the door says, shared with its routes (``http.py``), which import the web framework this module must not
-LOADING = "the model is loading; retry shortly (GET /health answers 200 once it is loaded)"
-UNAUTHORIZED = "Incorrect or missing API key: send the header Authorization: Bearer <API_KEY> (or x-api-key: <API_KEY>)"
-ANTHROPIC_PATHS = ("/v1/messages",)  # errors in Anthropic's shape (server.py imports no part of the worker before it starts)
-OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # errors in OpenAI's shape (vLLM's, for the last three)
-PUBLIC_PATHS = ("/", "/health")
 # After SIGTERM: the port closes at the latest this long after the grace (a request that ignores the engine's
 # end), and the connections left then get this long to close.
 OVERDUE_SECONDS = 1.0

@@ -7,7 +7,7 @@ and read from the scratch block.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,8 +15,18 @@ import torch
 from llm_worker.engine.forward import StepInputs, with_carried
 from llm_worker.engine.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK
 
-if TYPE_CHECKING:
-    from llm_worker.engine.runner import StepRunner
+
+class StepRunner(Protocol):
+    """What a captured step reads of ``runner.StepRunner`` (which imports this module)."""
+
+    model: Any
+    pool: Any
+    static: Any
+    staging: Any
+    windows: Any
+    step: Any
+    use_graphs: bool
+    graph_pool: Any
 
 
 def bucket(value: int, sizes: list[int]) -> int:
