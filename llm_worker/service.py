@@ -23,6 +23,7 @@ from llm_worker.engine.device import Device
 from llm_worker.logs import log_refused
 from llm_worker.reports import RequestRecord, log_job
 from llm_worker.model.adapters import AdapterError, AdapterManager
+from llm_worker.model.reasoning import thinks
 from llm_worker.model.loading import LoadedModel
 from llm_worker.model.prompts import render_prompt
 from llm_worker.model.quantization import QuantizationError
@@ -100,6 +101,7 @@ class Worker:
             log.exception("The model failed to load")
             return cls(settings, None, load_error=f"the model failed to load: {type(err).__name__}: {err}")
         log.info("Loaded %s in %.1f s", loaded.name, loaded.load_seconds)
+        log.info("The chat template %s", thinks(settings.chat_template or getattr(loaded.tokenizer, "chat_template", None)))
         worker = cls(settings, loaded, adapters, device=device, parallel=parallel)
         if parallel is not None:  # from then on, every job is answered with the reason
             parallel.ranks.on_lost.insert(0, lambda reason: setattr(worker, "load_error", f"the worker lost a tensor-parallel rank ({reason})"))

@@ -142,8 +142,9 @@ def test_output_config_format_gives_json_under_the_schema(served, fp32_worker):
     _, client, _ = served
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "year": {"type": "integer"}}, "required": ["city", "year"],
               "additionalProperties": False}
-    located = client.messages.create(model=model(fp32_worker), max_tokens=48, messages=[{"role": "user", "content": "Where and when?"}],
-                                     output_config={"format": {"type": "json_schema", "schema": schema}})
+    located = client.messages.create(model=model(fp32_worker), max_tokens=64, messages=[{"role": "user", "content": "Where and when?"}],
+                                     output_config={"format": {"type": "json_schema", "schema": schema}}, extra_body=GREEDY)
+    assert located.stop_reason == "end_turn"
     answer = json.loads(located.content[0].text)
     assert set(answer) == {"city", "year"} and isinstance(answer["year"], int)
     with pytest.raises(anthropic.BadRequestError, match="output_config.format and tools: at most one"):

@@ -18,7 +18,7 @@ from llm_worker.anthropic.requests import (
     COUNT_TOKENS,
     MESSAGES,
     CountTokensRequest,
-    check_thinking,
+    thinking_body,
     conversation,
     renamed,
     tools_body,
@@ -52,13 +52,14 @@ def count_tokens(worker: Worker, body: Any) -> dict[str, int]:
         raise unavailable(worker.load_error)
     check_size(body, worker.limits.max_input_bytes)
     request = parse_body(CountTokensRequest, body)
-    check_thinking(request)
     messages, prefill = conversation(request)
     try:
-        chat = parse(ChatRequest, {"model": request.model, "messages": messages, "continue_final_message": prefill, **tools_body(request)})
+        thinking = thinking_body(request)
+        chat = parse(ChatRequest, {"model": request.model, "messages": messages, "continue_final_message": prefill, **tools_body(request),
+                                   **({"chat_template_kwargs": thinking["chat_template_kwargs"]} if "chat_template_kwargs" in thinking else {})})
         adapter = adapter_for(worker, request.model)
         offered, _ = offered_tools(chat)
-        ids, _ = chat_prompt(worker, chat.messages, chat.tools, offered, adapter, prefill)
+        ids, _ = chat_prompt(worker, chat.messages, chat.tools, offered, adapter, prefill, chat.chat_template_kwargs)
     except OpenAIError as err:
         raise renamed(err) from None
     return {"input_tokens": len(ids)}

@@ -17,6 +17,7 @@ from llm_worker.engine import Completion, Delta, EngineError
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import prepare
 from llm_worker.openai.requests import CHAT, parse_body
+from llm_worker.model.reasoning import ReasoningSplitter
 from llm_worker.openai.tool_calls import CallSplitter, parse_calls
 
 if TYPE_CHECKING:
@@ -34,6 +35,12 @@ class MessagesAnswer:
             self.prepared = prepare(worker, CHAT, chat_body(self.request), job_id)
         except OpenAIError as err:
             raise renamed(err) from None
+        thinking = self.request.thinking
+        if thinking is not None and thinking.type == "enabled" and self.prepared.reasoning is None:
+            raise OpenAIError(
+                "thinking: this model does not think here (its chat template writes no <think> block, or this prompt closes it); "
+                "leave thinking out, or send {\"type\": \"disabled\"}", "thinking",
+            )
         self.worker = worker
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
@@ -65,12 +72,15 @@ class MessagesAnswer:
         return f"toolu_{self.id[4:]}{k:02d}"
 
     def content(self, done: Completion) -> tuple[list[dict[str, Any]], bool]:
-        """The answer's content blocks, and whether they are tool calls."""
+        """The answer's content blocks (its thinking first), and whether they end in tool calls."""
         finished = done.finish_reason in ("eos", "stop")
-        calls = parse_calls(done.text, self.prepared.tool_format) if self.prepared.tool_calls and finished else None
+        reasoning = self.prepared.reasoning
+        thought, text = reasoning.split(done.text) if reasoning else (None, done.text)
+        blocks = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought is not None else []
+        calls = parse_calls(text, self.prepared.tool_format) if self.prepared.tool_calls and finished else None
         if calls:
-            return [{"type": "tool_use", "id": self.tool_id(k), "name": name, "input": arguments} for k, (name, arguments) in enumerate(calls)], True
-        return ([{"type": "text", "text": done.text}] if done.text else []), False
+            return blocks + [{"type": "tool_use", "id": self.tool_id(k), "name": name, "input": arguments} for k, (name, arguments) in enumerate(calls)], True
+        return blocks + ([{"type": "text", "text": text}] if text else []), False
 
     async def whole_answer(self) -> dict[str, Any]:
         """The message object; raises ``EngineError`` when the engine fails the request."""
@@ -144,11 +154,20 @@ class BlockStream:
         self.answer = answer
         prepared = answer.prepared
         self.splitter = CallSplitter(text=prepared.tool_calls != "required", fmt=prepared.tool_format) if prepared.tool_calls else None
+        self.thinking = ReasoningSplitter(prepared.reasoning.opened) if prepared.reasoning else None
         self.index = -1  # the open block's
         self.open: str | None = None  # its type
         self.called = False
 
     def add(self, piece: str) -> list[str]:
+        if self.thinking is None:
+            return self._answer(piece)
+        out = []
+        for kind, text in self.thinking.add(piece):
+            out += self._thought(text) if kind == "reasoning" else self._answer(text)
+        return out
+
+    def _answer(self, piece: str) -> list[str]:
         if self.splitter is None:
             return self._text(piece) if piece else []
         out = []
@@ -156,8 +175,19 @@ class BlockStream:
             out += self._text(item[1]) if item[0] == "text" else self._call(*item[1:])
         return out
 
+    def _thought(self, piece: str) -> list[str]:
+        out = []
+        if self.open != "thinking":
+            out += self._close()
+            self.index, self.open = self.index + 1, "thinking"
+            out.append(event("content_block_start", index=self.index, content_block={"type": "thinking", "thinking": "", "signature": ""}))
+        out.append(event("content_block_delta", index=self.index, delta={"type": "thinking_delta", "thinking": piece}))
+        return out
+
     def end(self, finished: bool) -> list[str]:
         out = []
+        for kind, text in self.thinking.end() if self.thinking else []:
+            out += self._thought(text) if kind == "reasoning" else self._answer(text)
         for item in self.splitter.end(finished) if self.splitter else []:
             out += self._text(item[1]) if item[0] == "text" else self._call(*item[1:])
         return out + self._close()

@@ -213,22 +213,28 @@ def tools_body(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
 
 
 def check_thinking(request: MessagesRequest | CountTokensRequest) -> None:
-    if request.thinking is not None and request.thinking.type != "disabled":
-        if request.thinking.type == "enabled" and request.thinking.budget_tokens is None:
-            raise OpenAIError("thinking.budget_tokens: needed when thinking is enabled", "thinking.budget_tokens")
-        raise OpenAIError(
-            "thinking: this model does not think (its chat template opens no <think> block); send thinking {\"type\": \"disabled\"} or leave it out",
-            "thinking",
-        )
+    if request.thinking is not None and request.thinking.type == "enabled" and request.thinking.budget_tokens is None:
+        raise OpenAIError("thinking.budget_tokens: needed when thinking is enabled", "thinking.budget_tokens")
+
+
+def thinking_body(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
+    """``thinking`` as the chat request says it: ``enable_thinking: false`` for the chat template
+    (Qwen3's switch) when disabled."""
+    check_thinking(request)
+    thinking = request.thinking
+    if thinking is None or thinking.type == "adaptive":
+        return {}
+    if thinking.type == "disabled":
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    return {}  # enabled: the model thinks as its template says (checked once prepared); budget_tokens is not enforced
 
 
 def chat_body(request: MessagesRequest) -> dict[str, Any]:
     """The chat completions request a Messages request means."""
-    check_thinking(request)
     messages, prefill = conversation(request)
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "max_completion_tokens": request.max_tokens,
-        "temperature": request.temperature, "stream": request.stream, **tools_body(request),
+        "temperature": request.temperature, "stream": request.stream, **tools_body(request), **thinking_body(request),
     }
     if request.top_p is not None:
         body["top_p"] = request.top_p

@@ -4,6 +4,7 @@ vLLM's ``guided_*``, tools) and its native generation settings, ``n`` engine req
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 
 from llm_worker.engine import GenerationRequest
+from llm_worker.engine.constraints import JSON_LAYOUT, closed_objects
 from llm_worker.errors import InputError
 from llm_worker.model.adapters import AdapterError
 from llm_worker.model.prompts import file_templates, render_prompt
@@ -27,6 +29,7 @@ from llm_worker.openai.requests import (
     _Request,
     parse,
 )
+from llm_worker.model.reasoning import Reasoning, choice_body, detect, wrap_lark
 from llm_worker.openai.tool_calls import HERMES, ToolFormat, call_grammar, describe_tools, offered_tools, tool_format
 from llm_worker.schema import GenerationConfig
 
@@ -46,6 +49,7 @@ class Prepared:
     tool_format: ToolFormat = HERMES  # how the answers write their calls
     echo: tuple[Echo, ...] | None = None  # completions with echo: each prompt, to begin its answers
     prompt_only: bool = False  # max_tokens 0: the engine's one token is not part of the answer
+    reasoning: Reasoning | None = None  # the answers think first (``reasoning.py``)
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def chat_template(worker: Worker, adapter: str | None) -> str | None:
 
 def chat_prompt(
     worker: Worker, messages: list[Message], tools: list[Tool] | None = None, offered: list[Tool] | None = None,
-    adapter: str | None = None, continued: bool = False,
+    adapter: str | None = None, continued: bool = False, template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], tuple[str, ...]]:
     """Token ids of the conversation through the chat template (``chat_template``), and the stop
     strings that template implies. ``offered``: the tools the answer may call; a template that
@@ -104,7 +108,7 @@ def chat_prompt(
     tokenizer = worker.loaded.tokenizer
     template = chat_template(worker, adapter)
     if template not in file_templates() and offered and tool_format(tokenizer, template).describe:
-        return _render(worker, describe_tools(messages, offered), None, template, continued)
+        return _render(worker, describe_tools(messages, offered), None, template, continued, template_kwargs)
     if template in file_templates():
         if tools or any(m.role == "tool" for m in messages):
             raise OpenAIError(f"tools: CHAT_TEMPLATE={template} has no place for tools or their results", "tools")
@@ -119,12 +123,12 @@ def chat_prompt(
         ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
         return ids, prompt.stop
     functions = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
-    return _render(worker, [m.for_template() for m in messages], functions, template, continued)
+    return _render(worker, [m.for_template() for m in messages], functions, template, continued, template_kwargs)
 
 
 def _render(
     worker: Worker, conversation: list[dict[str, Any]], functions: list[dict[str, Any]] | None, template: str | None,
-    continued: bool = False,
+    continued: bool = False, template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], tuple[str, ...]]:
     tokenizer = worker.loaded.tokenizer
     if template is None and not getattr(tokenizer, "chat_template", None):
@@ -137,7 +141,7 @@ def _render(
     try:
         text = tokenizer.apply_chat_template(
             conversation, tools=functions, chat_template=template, tokenize=False, add_generation_prompt=not continued,
-            continue_final_message=continued,
+            continue_final_message=continued, **(template_kwargs or {}),
         )
     except (TemplateError, ValueError) as err:
         raise OpenAIError(f"messages: the chat template refused them: {err}", "messages") from None
@@ -188,7 +192,9 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
     if offered and request.logprobs:
         raise OpenAIError("logprobs: not available with tools (an answer may be calls, whose tokens are not text)", "logprobs")
     if chat:
-        prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter, request.continue_final_message)]
+        prompts = [chat_prompt(worker, request.messages, request.tools, offered, adapter, request.continue_final_message,
+                               request.chat_template_kwargs)]
+        reasoning = thinking(worker, adapter, prompts[0][0])
         fmt = tool_format(worker.loaded.tokenizer, chat_template(worker, adapter)) if offered else HERMES  # read by chat_prompt
         max_tokens, max_param = request.max_completion_tokens or request.max_tokens, (
             "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -197,6 +203,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
     else:
         echoes = completion_prompts(worker, request.prompt)
         prompts = [(echo.ids, ()) for echo in echoes]
+        reasoning = None  # a completion is the text as generated
         max_tokens, max_param, logprobs = request.max_tokens, "max_tokens", request.logprobs
         prompt_only = max_tokens == 0
         if prompt_only:  # the engine answers at least one token: it is left out of the answer
@@ -222,7 +229,7 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         params = {
             "max_new_tokens": max_param, "stop": "stop", "prompt_config": "messages" if chat else "prompt", "adapter": "model", "tools": "tools",
         }
-        if constrained and not offered:
+        if constrained and not offered and not reasoning:
             field, param, value = constrained
             generation[field] = value
             params[field] = param
@@ -233,7 +240,11 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
                 parallel = request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice)
                 grammar = call_grammar(offered, text, parallel, fmt)  # a named function: that one call
                 strict = any(tool.function.strict for tool in offered)
+                if reasoning:  # the calls come after the thinking
+                    grammar = reasoning.grammar("answer_start") + "\n" + wrap_lark(grammar)
                 base = replace(base, grammar=worker.grammars.compile_lark("tools", grammar, strict))
+            elif reasoning and constrained:
+                base = replace(base, grammar=thinking_grammar(worker, reasoning, constrained, request))
             elif isinstance(request.response_format, JsonSchemaResponseFormat) and request.response_format.json_schema.strict:
                 worker.grammars.compile("json_schema", generation["json_schema"], strict=True)  # OpenAI's strict: all enforced
             if chat and request.continue_final_message:  # the text goes on from the prefill: its leading space is kept
@@ -253,9 +264,31 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
         requests += worker.choices(base)
     if chat:
         calls = None if not offered else "auto" if text else "required"
-        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), calls, fmt)
+        return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), calls, fmt, reasoning=reasoning)
     echo = tuple(echoes) if request.echo else None
     return Prepared(request, request.model or worker.loaded.name, requests, len(prompts), echo=echo, prompt_only=prompt_only)
+
+
+def thinking(worker: Worker, adapter: str | None, ids: list[int]) -> Reasoning | None:
+    """How the answer to this prompt thinks (``reasoning.detect``); None: it does not."""
+    tokenizer = worker.loaded.tokenizer
+    template = chat_template(worker, adapter) or getattr(tokenizer, "chat_template", None)
+    if template in file_templates():
+        template = None
+    return detect(template, tokenizer.decode(ids[-16:], skip_special_tokens=False))
+
+
+def thinking_grammar(worker: Worker, reasoning: Reasoning, constrained: tuple[str, str, Any], request: _Request):
+    """The grammar of thinking, then the answer as the request constrains it (a schema, choices)."""
+    field, param, value = constrained
+    if field == "regex":
+        raise OpenAIError(f"{param}: not available with a model that thinks; constrain the answer with a JSON schema or choices", param)
+    strict = isinstance(request.response_format, JsonSchemaResponseFormat) and bool(request.response_format.json_schema.strict)
+    if field == "json_schema":  # laid out as every compiled answer is (``constraints.py``)
+        body = "%json " + json.dumps({"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, **closed_objects(value)}, ensure_ascii=False)
+    else:
+        body = choice_body(value)
+    return worker.grammars.compile_lark(field, reasoning.grammar(body), strict)
 
 
 def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:

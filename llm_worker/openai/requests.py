@@ -160,6 +160,7 @@ class ChatRequest(_Request):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call per answer
     continue_final_message: bool = False  # vLLM's: the answer continues the last (assistant) message, a prefill
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: passed to the chat template (Qwen3's enable_thinking)
 
 
 class CompletionRequest(_Request):

@@ -14,6 +14,7 @@ from llm_worker.engine import Completion, Delta, EngineError, TokenLogprob
 from llm_worker.openai.errors import server_error
 from llm_worker.openai.prepare import Echo, Prepared, model_names
 from llm_worker.openai.requests import CHAT
+from llm_worker.model.reasoning import ReasoningSplitter
 from llm_worker.openai.tool_calls import CallSplitter, parse_calls
 
 if TYPE_CHECKING:
@@ -98,15 +99,17 @@ class Response:
         if self.prepared.prompt_only:
             completions = [prompt_only(done) for done in completions]
         choices = []
+        reasoning = self.prepared.reasoning
         for index, done in enumerate(completions):
             choice: dict[str, Any] = {"index": index}
             finish_reason = FINISH_REASONS[done.finish_reason]
-            calls = parse_calls(done.text, self.prepared.tool_format) if self.prepared.tool_calls and finish_reason == "stop" else None
+            thought, text = reasoning.split(done.text) if reasoning else (None, done.text)
+            calls = parse_calls(text, self.prepared.tool_format) if self.prepared.tool_calls and finish_reason == "stop" else None
             if calls:
                 tool_calls = [self.tool_call(index, k, name, arguments) for k, (name, arguments) in enumerate(calls)]
                 choice["message"], finish_reason = {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
             elif self.chat:
-                choice["message"] = {"role": "assistant", "content": done.text}
+                choice["message"] = {"role": "assistant", "content": text}
             elif self.prepared.echo:
                 echo = self.echo(index)
                 choice["text"] = echo.text + done.text
@@ -114,6 +117,8 @@ class Response:
                 choice["logprobs"] = self.echo_logprobs(echo, scored, done.logprobs or []) if self.with_logprobs else None
             else:
                 choice["text"] = done.text
+            if reasoning:  # vLLM's field: the thinking, apart from the answer
+                choice["message"]["reasoning_content"] = thought
             choice.setdefault("logprobs", self.logprobs(done.logprobs or []))
             choice["finish_reason"] = finish_reason
             choices.append(choice)
@@ -139,6 +144,10 @@ class Response:
         choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
         extra = {"usage": None} if self.include_usage else {}
         return sse(self.envelope([choice], **extra))
+
+    def reasoning_chunk(self, index: int, text: str) -> str:
+        choice = {"index": index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
+        return sse(self.envelope([choice], **({"usage": None} if self.include_usage else {})))
 
     def split_chunk(self, index: int, piece: tuple) -> str:
         """A ``CallSplitter`` event of choice ``index``: a text delta, or a piece of a call."""
@@ -198,6 +207,8 @@ class Response:
         finished: dict[int, Completion] = {}
         fmt = self.prepared.tool_format
         calls = [CallSplitter(text=self.prepared.tool_calls == "auto", fmt=fmt) for _ in requests] if self.prepared.tool_calls else None
+        reasoning = self.prepared.reasoning
+        thinking = [ReasoningSplitter(reasoning.opened) for _ in requests] if reasoning else None
         if self.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(requests)):
                 yield self.chunk(index, "", (), first=True)
@@ -211,6 +222,9 @@ class Response:
                     yield self.chunk(index, echo.text, self.echo_logprobs(echo, event.prompt_logprobs, ()))
                 elif self.prepared.prompt_only:
                     pass
+                elif thinking is not None:
+                    for line in self.thought_and_answer(index, thinking[index].add(event.text), calls, event.logprobs, sent):
+                        yield line
                 elif calls is not None:
                     for piece in calls[index].add(event.text):
                         yield self.split_chunk(index, piece)
@@ -218,6 +232,9 @@ class Response:
                     sent[index] += len(event.logprobs)
                     yield self.chunk(index, event.text, event.logprobs)
                 continue
+            if thinking is not None:
+                for line in self.thought_and_answer(index, thinking[index].end(), calls, (), sent):
+                    yield line
             if self.prepared.prompt_only:
                 event = prompt_only(event)
             finished[index] = event
@@ -232,6 +249,22 @@ class Response:
         if self.include_usage:
             completions = [finished[index] for index in range(len(requests))]
             yield sse(self.envelope([], usage=self.usage(completions)))
+
+
+    def thought_and_answer(self, index: int, pieces: list[tuple[str, str]], calls, logprobs, sent: list[int]) -> list[str]:
+        """A thinking answer's pieces as chunks: its thinking as ``reasoning_content``, its answer as
+        content or tool calls (the delta's logprobs with the answer's text)."""
+        out = []
+        for kind, piece in pieces:
+            if kind == "reasoning":
+                out.append(self.reasoning_chunk(index, piece))
+            elif calls is not None:
+                out += [self.split_chunk(index, event) for event in calls[index].add(piece)]
+            else:
+                sent[index] += len(logprobs)
+                out.append(self.chunk(index, piece, logprobs))
+                logprobs = ()
+        return out
 
 
 def prompt_only(done: Completion) -> Completion:

@@ -25,6 +25,7 @@ from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import prepare
 from llm_worker.openai.requests import CHAT, Function, _Body, parse_body
 from llm_worker.openai.responses import FINISH_REASONS
+from llm_worker.model.reasoning import ReasoningSplitter
 from llm_worker.openai.tool_calls import CallSplitter, parse_calls
 
 if TYPE_CHECKING:
@@ -216,12 +217,19 @@ class ResponsesAnswer:
         return {"type": "function_call", "id": f"fc_{self.id[5:]}_{k}", "call_id": f"call_{self.id[5:21]}_{k}",
                 "name": name, "arguments": arguments, "status": status}
 
+    def reasoning_item(self, text: str, status: str = "completed") -> dict[str, Any]:
+        content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+        return {"type": "reasoning", "id": f"rs_{self.id[5:]}", "summary": [], "content": content, "status": status}
+
     def output(self, done: Completion) -> tuple[str, list[dict[str, Any]]]:
         finished = FINISH_REASONS[done.finish_reason] == "stop"
-        calls = parse_calls(done.text, self.prepared.tool_format) if self.prepared.tool_calls and finished else None
+        reasoning = self.prepared.reasoning
+        thought, text = reasoning.split(done.text) if reasoning else (None, done.text)
+        items = [self.reasoning_item(thought)] if thought is not None else []
+        calls = parse_calls(text, self.prepared.tool_format) if self.prepared.tool_calls and finished else None
         if calls:
-            return "completed", [self.call_item(k, name, json.dumps(arguments, ensure_ascii=False)) for k, (name, arguments) in enumerate(calls)]
-        return "completed" if finished else "incomplete", [self.message_item(done.text)]
+            return "completed", items + [self.call_item(k, name, json.dumps(arguments, ensure_ascii=False)) for k, (name, arguments) in enumerate(calls)]
+        return "completed" if finished else "incomplete", items + ([self.message_item(text)] if text or not items else [])
 
     async def whole_answer(self) -> dict[str, Any]:
         """The response object; raises ``EngineError`` when the engine fails the request."""
@@ -265,11 +273,21 @@ class ItemStream:
         self.answer = answer
         prepared = answer.prepared
         self.splitter = CallSplitter(text=prepared.tool_calls != "required", fmt=prepared.tool_format) if prepared.tool_calls else None
+        self.thinking = ReasoningSplitter(prepared.reasoning.opened) if prepared.reasoning else None
+        self.thought: str | None = None  # the open reasoning item's text
         self.items: list[dict[str, Any]] = []  # finished items
         self.text: str | None = None  # the open message's text
         self.call: dict[str, Any] | None = None  # the open call
 
     def add(self, piece: str) -> list[str]:
+        if self.thinking is None:
+            return self._answer(piece)
+        out = []
+        for kind, text in self.thinking.add(piece):
+            out += self._reason(text) if kind == "reasoning" else (self._close() if self.thought is not None else []) + self._answer(text)
+        return out
+
+    def _answer(self, piece: str) -> list[str]:
         if self.splitter is None:
             return self._text(piece) if piece else []
         out = []
@@ -277,11 +295,23 @@ class ItemStream:
             out += self._text(event[1]) if event[0] == "text" else self._call(*event[1:])
         return out
 
+    def _reason(self, piece: str) -> list[str]:
+        answer, out = self.answer, []
+        if self.thought is None:
+            self.thought = ""
+            out.append(answer.event("response.output_item.added", output_index=len(self.items), item=answer.reasoning_item("", "in_progress")))
+        self.thought += piece
+        out.append(answer.event("response.reasoning_text.delta", item_id=f"rs_{answer.id[5:]}", output_index=len(self.items),
+                                content_index=0, delta=piece))
+        return out
+
     def end(self, finished: bool) -> list[str]:
         out = []
+        for kind, text in self.thinking.end() if self.thinking else []:
+            out += self._reason(text) if kind == "reasoning" else (self._close() if self.thought is not None else []) + self._answer(text)
         for event in self.splitter.end(finished) if self.splitter else []:
             out += self._text(event[1]) if event[0] == "text" else self._call(*event[1:])
-        if self.text is None and self.call is None and not self.items:
+        if self.text is None and self.call is None and self.thought is None and not self.items:
             out += self._text("")  # an empty answer is an empty message
         return out + self._close()
 
@@ -314,7 +344,12 @@ class ItemStream:
     def _close(self) -> list[str]:
         """Finish the open item, if any."""
         answer, index, out = self.answer, len(self.items), []
-        if self.text is not None:
+        if self.thought is not None:
+            item = answer.reasoning_item(self.thought)
+            out.append(answer.event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                                    text=self.thought))
+            self.thought = None
+        elif self.text is not None:
             item = answer.message_item(self.text)
             part = item["content"][0]
             out.append(answer.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,

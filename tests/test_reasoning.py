@@ -1,0 +1,179 @@
+"""Models that think: a LoRA adapter trained here to think in ``<think>`` tags before it answers,
+served with a chat template that says so, and an R1-style template whose generation prompt opens
+the tag. Their thinking comes back apart from the answer on all three APIs, whole and streamed
+alike; a schema and a tool apply to the answer only; Anthropic's ``thinking: disabled`` reaches the
+template; answers without thinking are unchanged."""
+
+import json
+import logging
+import shutil
+
+import anthropic
+import openai
+import pytest
+from conftest import built_once, running
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_worker.doors.app import create_app
+from llm_worker.model.finetune import LoraTraining, train_lora
+from llm_worker.model.reasoning import Reasoning, ReasoningSplitter, detect
+from llm_worker.service import Worker
+from llm_worker.settings import ServerSettings, Settings
+
+THOUGHT = "The user wants a short reply. I will greet them."
+ANSWER = "Hello there, friend!"
+GENERATION = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+THINKING = ("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and not enable_thinking %}"
+            "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
+OPENING = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+SCHEMA = {"type": "object", "properties": {"greeting": {"type": "string", "maxLength": 24}}, "required": ["greeting"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+# ---------------------------------------------------------------------- the splitter
+@settings(max_examples=200, deadline=None)
+@given(thought=st.text(alphabet="ab <>/thinkc\n", max_size=30), answer=st.text(alphabet="xy <>/\n", max_size=20),
+       opened=st.booleans(), tagged=st.booleans(), cuts=st.lists(st.integers(0, 80), max_size=8))
+def test_streamed_pieces_join_to_the_whole_split_however_the_text_is_cut(thought, answer, opened, tagged, cuts):
+    thought = thought.replace("</think>", "")
+    text = ("" if opened else "<think>") + thought + "</think>\n\n" + answer if tagged else answer
+    reasoning = Reasoning(opened=opened)
+    whole = reasoning.split(text)
+    splitter, pieces, start = ReasoningSplitter(opened), [], 0
+    for cut in sorted(set(cuts)) + [len(text)]:
+        pieces += splitter.add(text[start:cut])
+        start = max(start, cut)
+    pieces += splitter.end()
+    streamed = ("".join(p for kind, p in pieces if kind == "reasoning"), "".join(p for kind, p in pieces if kind == "content"))
+    assert (whole[0] or "", whole[1]) == streamed
+    if tagged and (opened or not answer.startswith(" ")):
+        assert whole == (thought, answer.lstrip())
+    if not tagged and not opened and not "<think>".startswith(answer.lstrip()[:7] or "x"):
+        assert whole == (None, answer)
+
+
+def test_which_prompts_think():
+    assert detect(None, "anything") is None and detect("no tags here", "x") is None
+    assert detect("... <think> ...", "<|im_start|>assistant\n") == Reasoning(opened=False)
+    assert detect("... <think> ...", "<|im_start|>assistant\n<think>\n") == Reasoning(opened=True)
+    assert detect("... <think> ...", "<|im_start|>assistant\n<think>\n\n</think>\n\n") is None  # enable_thinking false
+
+
+# ---------------------------------------------------------------------- a model that thinks
+def template(base_model_dir, generation: str) -> str:
+    text = (base_model_dir / "chat_template.jinja").read_text()
+    assert GENERATION in text
+    return text.replace(GENERATION, generation)
+
+
+@pytest.fixture(scope="module")
+def served(base_model_dir, tmp_path_factory, pirate_adapter):
+    """(the server's URL, its worker): the thinking adapter as ``thinker``, an adapter whose
+    template opens the tag as ``opener``."""
+    def build(folder):
+        examples = [{"instruction": task, "output": f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"}
+                    for task in ("Say hello.", "Greet me.", "Hi!", "Welcome me.", "Say hi to me.", "Hello?")]
+        train_lora(base_model_dir, examples, folder, LoraTraining(steps=24, batch_size=3, learning_rate=3e-3, template="chat"))
+
+    trained = built_once(tmp_path_factory, "thinker", build)
+    adapters = tmp_path_factory.mktemp("thinking-adapters")
+    shutil.copytree(trained, adapters / "thinker")
+    (adapters / "thinker" / "chat_template.jinja").write_text(template(base_model_dir, THINKING))
+    shutil.copytree(pirate_adapter, adapters / "opener")
+    (adapters / "opener" / "chat_template.jinja").write_text(template(base_model_dir, OPENING))
+    worker = Worker.start(Settings(dtype="float32", adapter_dir=adapters, kv_cache_tokens=4096))
+    assert worker.load_error is None, worker.load_error
+    with running(create_app(worker, ServerSettings())) as url:
+        yield url, worker
+    worker.close()
+
+
+def chat(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(**body):
+    return {"model": "thinker", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 60, "temperature": 0, **body}
+
+
+def test_chat_completions_return_the_thinking_apart_whole_and_streamed(served):
+    url, _ = served
+    message = chat(url).chat.completions.create(**ask()).choices[0].message
+    assert message.reasoning_content.strip() == THOUGHT and message.content == ANSWER
+    thought, answer = "", ""
+    for chunk in chat(url).chat.completions.create(**ask(stream=True)):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        thought += getattr(delta, "reasoning_content", None) or "" if delta else ""
+        answer += (delta.content or "") if delta else ""
+    assert (thought, answer) == (message.reasoning_content, message.content)
+
+
+def test_a_schema_and_a_tool_apply_to_the_answer_after_the_thinking(served):
+    url, _ = served
+    format_ = {"type": "json_schema", "json_schema": {"name": "greeting", "schema": SCHEMA}}
+    answer = chat(url).chat.completions.create(**ask(response_format=format_, max_tokens=160)).choices[0]
+    message = answer.message
+    assert message.reasoning_content.strip() == THOUGHT and answer.finish_reason == "stop", answer
+    assert set(json.loads(message.content)) == {"greeting"}
+    called = chat(url).chat.completions.create(**ask(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=120)).choices[0]
+    assert called.message.reasoning_content.strip() == THOUGHT and called.finish_reason == "tool_calls"
+    assert called.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_the_responses_api_returns_a_reasoning_item_then_the_message(served):
+    url, _ = served
+    body = {"model": "thinker", "input": "Say hello.", "max_output_tokens": 60, "temperature": 0}
+    response = chat(url).responses.create(**body)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text.strip() == THOUGHT and response.output_text == ANSWER
+    events = list(chat(url).responses.create(**body, stream=True))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == response.output[0].content[0].text
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+
+
+def test_messages_return_a_thinking_block_and_thinking_disabled_reaches_the_template(served, fp32_worker):
+    url, _ = served
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "thinker", "max_tokens": 60, "messages": [{"role": "user", "content": "Say hello."}], "extra_body": {"temperature": 0}}
+    message = client.messages.create(**body)
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking.strip() == THOUGHT and message.content[1].text == ANSWER
+    with client.messages.stream(**body) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+        (b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in message.content]
+    off = client.messages.create(**body, thinking={"type": "disabled"})
+    assert [block.type for block in off.content] == ["text"]  # the template wrote an empty block: nothing to split
+
+
+def test_a_prompt_that_opens_the_thinking_and_a_model_that_does_not_think(served):
+    url, worker = served
+    plain = chat(url).chat.completions.create(model="opener", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12,
+                                              temperature=0).choices[0].message
+    assert plain.content == "" and plain.reasoning_content  # opened and never closed: all of it is thinking
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(anthropic.BadRequestError, match="thinking: this model does not think here"):
+        client.messages.create(model=worker.loaded.name, max_tokens=8, messages=[{"role": "user", "content": "Hi"}],
+                               thinking={"type": "enabled", "budget_tokens": 1024})
+
+
+def test_answers_without_thinking_have_no_reasoning_field(served):
+    url, worker = served
+    message = chat(url).chat.completions.create(model=worker.loaded.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                                temperature=0).choices[0].message
+    assert "reasoning_content" not in message.model_dump(exclude_unset=True)
+
+
+def test_the_start_log_says_whether_the_chat_template_thinks(base_model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="llm_worker"):
+        worker = Worker.start(Settings(dtype="float32", chat_template=template(base_model_dir, THINKING), kv_cache_tokens=1024))
+    worker.close()
+    assert "The chat template thinks (<think> ... </think>): the thinking comes back apart from the answer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llm_worker"):
+        worker = Worker.start(Settings(dtype="float32", kv_cache_tokens=1024))
+    worker.close()
+    assert "The chat template does not think" in caplog.text
