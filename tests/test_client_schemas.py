@@ -79,3 +79,33 @@ def test_openai_strict_refuses_what_cannot_be_enforced_and_the_rest_is_served(fp
     served = chat(fp32_worker, tools=[{**tool, "function": {**tool["function"], "strict": False}}], tool_choice="required",
                   parallel_tool_calls=False)
     Tagged.model_validate_json(served["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+def test_instructor_in_its_default_mode_gets_answers_that_parse_into_its_models(fp32_worker):
+    """instructor as it is: ``from_openai`` in its default mode (one forced tool call under the model's
+    schema), whole and as a streamed partial, through the server."""
+    import instructor
+    import openai
+    from conftest import running
+
+    from llm_worker.doors.app import create_app
+    from llm_worker.settings import ServerSettings
+
+    with running(create_app(fp32_worker, ServerSettings())) as url:
+        client = instructor.from_openai(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120))
+        assert client.mode == instructor.Mode.TOOLS
+        messages = [{"role": "user", "content": "Describe a customer who lives in Paris and likes red."}]
+        person = client.chat.completions.create(model=fp32_worker.loaded.name, response_model=Person, messages=messages,
+                                                temperature=0, max_tokens=120, max_retries=0)
+        assert isinstance(person, Person) and person.kind in ("customer", "supplier")
+        event = client.chat.completions.create(model=fp32_worker.loaded.name, response_model=Event, max_retries=0, temperature=0,
+                                               max_tokens=120, messages=[{"role": "user", "content": "A meeting next Monday at 10."}])
+        assert isinstance(event.starts, datetime.datetime) and isinstance(event.day, datetime.date)
+        where = [{"role": "user", "content": "Where is the Louvre? Give its city."}]
+        whole = client.chat.completions.create(model=fp32_worker.loaded.name, response_model=Address, messages=where, temperature=0,
+                                               max_tokens=60, max_retries=0)
+        partials = list(client.chat.completions.create_partial(model=fp32_worker.loaded.name, response_model=Address, messages=where,
+                                                                temperature=0, max_tokens=60, max_retries=0))
+        assert isinstance(whole, Address) and whole.city
+        # the partial's schema (every field optional) is not the whole's: its answer may differ, it grows and ends valid
+        assert len(partials) > 1 and Address.model_validate(partials[-1].model_dump()).city

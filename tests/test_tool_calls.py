@@ -275,3 +275,41 @@ def test_langchain_bind_tools_gets_calls_and_text(client):
     assert [(call["name"], call["args"]) for call in joined.tool_calls] == [("get_weather", {"city": "Paris"})]
     answered = bound.invoke("Write a haiku about the sea.")
     assert not answered.tool_calls and answered.content and "<tool_call>" not in answered.content
+
+
+def test_the_openai_agents_sdk_runs_an_agent_with_a_function_tool_whole_and_streamed(client):
+    """OpenAI's Agents SDK as it is (the Responses API, its default): the model calls the tool, the
+    SDK runs it and sends its result back, the model answers; then a second turn, then a streamed run."""
+    import asyncio
+
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # no network: nothing is exported
+    asked = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city"""
+        asked.append(city)
+        return "sunny, 21 degrees"
+
+    def weather_agent() -> Agent:  # an async client per event loop (run_sync and asyncio.run each make one)
+        sdk_client = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0, timeout=120)
+        return Agent(name="weather", tools=[get_weather], model=OpenAIResponsesModel(model="weather", openai_client=sdk_client),
+                     model_settings=ModelSettings(temperature=0, max_tokens=48))
+
+    agent = weather_agent()
+    result = Runner.run_sync(agent, "What's the weather in Paris?", max_turns=4)
+    assert asked == ["Paris"] and isinstance(result.final_output, str) and result.final_output.strip()
+    assert [item.type for item in result.new_items][:2] == ["tool_call_item", "tool_call_output_item"]
+    again = Runner.run_sync(weather_agent(), result.to_input_list() + [{"role": "user", "content": "Write a haiku about the sea."}], max_turns=4)
+    assert asked == ["Paris"] and again.final_output.strip() and "<tool_call>" not in again.final_output
+
+    async def streamed():
+        run = Runner.run_streamed(weather_agent(), "What's the weather in Oslo?", max_turns=4)
+        kinds = [event.type async for event in run.stream_events()]
+        return run, kinds
+
+    run, kinds = asyncio.run(streamed())
+    assert asked == ["Paris", "Oslo"] and run.final_output.strip()
+    assert "raw_response_event" in kinds and "run_item_stream_event" in kinds

@@ -40,6 +40,7 @@ class InputText(_Body):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None  # an earlier answer's, sent back as it came
 
 
 class _Item(_Body):
@@ -106,6 +107,7 @@ class ResponsesRequest(_Body):
     stream: bool = False
     previous_response_id: str | None = None
     truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None  # extra output fields: none are served (the Agents SDK sends an empty list)
     # labels only: accepted, no effect (nothing is stored)
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -114,6 +116,8 @@ class ResponsesRequest(_Body):
 
 def chat_body(request: ResponsesRequest) -> dict[str, Any]:
     """The chat completions request a Responses request means."""
+    if request.include:
+        raise OpenAIError(f"include: {request.include[0]!r} is not served here; send an empty list or leave it out", "include")
     if request.previous_response_id is not None:
         raise OpenAIError(
             "previous_response_id: this worker stores no responses; send the whole conversation in input", "previous_response_id"

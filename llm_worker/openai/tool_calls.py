@@ -143,20 +143,18 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool, fmt: ToolFormat 
     for i, tool in enumerate(tools):
         if json_depth(tool.function.parameters) > MAX_DEPTH:
             raise OpenAIError(f"tools[{i}].function.parameters: nested more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters")
-    calls = [
-        {
+    definitions: dict[str, Any] = {}
+    calls = []
+    for i, tool in enumerate(tools):
+        parameters = hoisted(tool.function.parameters or {"type": "object", "properties": {}}, f"tool{i}_", definitions)
+        calls.append({
             "type": "object",
-            "properties": {
-                "name": {"const": tool.function.name},
-                fmt.key: closed_objects(tool.function.parameters or {"type": "object", "properties": {}}),
-            },
+            "properties": {"name": {"const": tool.function.name}, fmt.key: closed_objects(parameters)},
             "required": ["name", fmt.key],
             "additionalProperties": False,
-        }
-        for tool in tools
-    ]
+        })
     strict = any(tool.function.strict for tool in tools)  # else what cannot be enforced is left out (and logged)
-    schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls}
+    schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls, **({"$defs": definitions} if definitions else {})}
     lines = [
         "start: TEXT | calls" if text else "start: calls",
         f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel and fmt.parallel else "calls: call",
@@ -166,6 +164,27 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool, fmt: ToolFormat 
     if text:  # text never holds a call's tag; without tags, it never begins as a call's JSON does
         lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{fmt.open.strip()}.*)/" if fmt.open else "TEXT: /(?s:.+)/ & ~/(?s:\\s*\\{.*)/")
     return "\n".join(lines) + "\n"
+
+
+def hoisted(schema: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters placed inside the calls' schema: its ``$defs`` (and ``definitions``)
+    moved to that schema's root under ``prefix``, and its ``#/$defs/...`` references made to point
+    there (pydantic writes nested models and enums as such references: instructor's tools)."""
+    local = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    if not local:
+        return schema
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {key: moved(item) for key, item in value.items() if key not in ("$defs", "definitions")}
+            ref = out.get("$ref")
+            if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+                out["$ref"] = "#/$defs/" + prefix + ref.rsplit("/", 1)[1]
+            return out
+        return [moved(item) for item in value] if isinstance(value, list) else value
+
+    definitions.update({prefix + name: moved(value) for name, value in local.items()})
+    return moved(schema)
 
 
 def parse_calls(text: str, fmt: ToolFormat = HERMES) -> list[tuple[str, Any]] | None:
