@@ -46,10 +46,8 @@ def test_a_wrong_value_or_command_is_refused_before_anything_loads():
 
 
 def test_the_other_commands_pass_their_options_on():
-    done = run("bench", "--help")
+    done = run("bench", "--help")  # each imports the model side: one is enough to show the passing on
     assert done.returncode == 0 and "--concurrency" in done.stdout and "--quantize" in done.stdout
-    done = run("finetune", "--help")
-    assert done.returncode == 0 and "--data" in done.stdout and "--out" in done.stdout
 
 
 def test_serve_runs_the_server_on_the_model_it_is_given_with_flags_over_the_environment(base_model_dir):

@@ -75,7 +75,7 @@ def served(base_model_dir, tmp_path_factory, pirate_adapter):
     def build(folder):
         examples = [{"instruction": task, "output": f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"}
                     for task in ("Say hello.", "Greet me.", "Hi!", "Welcome me.", "Say hi to me.", "Hello?")]
-        train_lora(base_model_dir, examples, folder, LoraTraining(steps=24, batch_size=3, learning_rate=3e-3, template="chat"))
+        train_lora(base_model_dir, examples, folder, LoraTraining(steps=20, batch_size=3, learning_rate=3e-3, template="chat"))
 
     trained = built_once(tmp_path_factory, "thinker", build)
     adapters = tmp_path_factory.mktemp("thinking-adapters")
