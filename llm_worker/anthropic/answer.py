@@ -17,8 +17,8 @@ from llm_worker.engine import Completion, Delta, EngineError
 from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import prepare
 from llm_worker.openai.requests import CHAT, parse_body
-from llm_worker.model.reasoning import ReasoningSplitter
-from llm_worker.openai.tool_calls import CallSplitter, parse_calls
+from llm_worker.openai.streams import AnswerStream
+from llm_worker.openai.tool_calls import parse_calls
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
@@ -146,34 +146,16 @@ async def with_pings(events: AsyncIterator[Any], every: float = PING_SECONDS) ->
             await close()
 
 
-class BlockStream:
-    """An answer's text, as it streams, into content blocks and their events: one text block, or
-    ``tool_use`` blocks whose input JSON comes as ``input_json_delta`` pieces."""
+class BlockStream(AnswerStream):
+    """An answer's text, as it streams, into content blocks and their events: a thinking block, then
+    one text block or ``tool_use`` blocks whose input JSON comes as ``input_json_delta`` pieces."""
 
     def __init__(self, answer: MessagesAnswer) -> None:
+        super().__init__(answer.prepared)
         self.answer = answer
-        prepared = answer.prepared
-        self.splitter = CallSplitter(text=prepared.tool_calls != "required", fmt=prepared.tool_format) if prepared.tool_calls else None
-        self.thinking = ReasoningSplitter(prepared.reasoning.opened) if prepared.reasoning else None
         self.index = -1  # the open block's
         self.open: str | None = None  # its type
         self.called = False
-
-    def add(self, piece: str) -> list[str]:
-        if self.thinking is None:
-            return self._answer(piece)
-        out = []
-        for kind, text in self.thinking.add(piece):
-            out += self._thought(text) if kind == "reasoning" else self._answer(text)
-        return out
-
-    def _answer(self, piece: str) -> list[str]:
-        if self.splitter is None:
-            return self._text(piece) if piece else []
-        out = []
-        for item in self.splitter.add(piece):
-            out += self._text(item[1]) if item[0] == "text" else self._call(*item[1:])
-        return out
 
     def _thought(self, piece: str) -> list[str]:
         out = []
@@ -183,14 +165,6 @@ class BlockStream:
             out.append(event("content_block_start", index=self.index, content_block={"type": "thinking", "thinking": "", "signature": ""}))
         out.append(event("content_block_delta", index=self.index, delta={"type": "thinking_delta", "thinking": piece}))
         return out
-
-    def end(self, finished: bool) -> list[str]:
-        out = []
-        for kind, text in self.thinking.end() if self.thinking else []:
-            out += self._thought(text) if kind == "reasoning" else self._answer(text)
-        for item in self.splitter.end(finished) if self.splitter else []:
-            out += self._text(item[1]) if item[0] == "text" else self._call(*item[1:])
-        return out + self._close()
 
     def _text(self, piece: str) -> list[str]:
         out = []

@@ -3,7 +3,7 @@ gateway forwards as ``{"openai_route": ..., "openai_input": ...}``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llm_worker import anthropic, openai
@@ -65,14 +65,21 @@ async def openai_job(worker: Worker, job: dict[str, Any], job_id: str | None = N
     except openai.OpenAIError as err:
         yield err.body
         return
-    if response.streaming:
-        async for line in response.sse():
+    async for output in answered(response, lambda err: err.body):
+        yield output
+
+
+async def answered(answer, shaped: Callable[[openai.OpenAIError], dict[str, Any]]) -> AsyncIterator[dict[str, Any] | str]:
+    """An opened answer's outputs: its stream's lines, or its whole object (an engine failure in
+    the API's error shape, by ``shaped``)."""
+    if answer.streaming:
+        async for line in answer.sse():
             yield line
         return
     try:
-        yield await response.whole_answer()
+        yield await answer.whole_answer()
     except EngineError as err:
-        yield openai.server_error(err).body
+        yield shaped(openai.server_error(err))
 
 
 async def anthropic_job(worker: Worker, job: dict[str, Any], job_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
@@ -86,11 +93,5 @@ async def anthropic_job(worker: Worker, job: dict[str, Any], job_id: str | None 
     except openai.OpenAIError as err:
         yield anthropic.error_body(err)
         return
-    if answer.streaming:
-        async for line in answer.sse():
-            yield line
-        return
-    try:
-        yield await answer.whole_answer()
-    except EngineError as err:
-        yield anthropic.error_body(openai.server_error(err))
+    async for output in answered(answer, anthropic.error_body):
+        yield output

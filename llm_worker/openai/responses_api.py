@@ -25,8 +25,8 @@ from llm_worker.openai.errors import OpenAIError
 from llm_worker.openai.prepare import prepare
 from llm_worker.openai.requests import CHAT, Function, _Body, parse_body
 from llm_worker.openai.responses import FINISH_REASONS
-from llm_worker.model.reasoning import ReasoningSplitter
-from llm_worker.openai.tool_calls import CallSplitter, parse_calls
+from llm_worker.openai.streams import AnswerStream
+from llm_worker.openai.tool_calls import parse_calls
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
@@ -269,37 +269,19 @@ class ResponsesAnswer:
             yield self.event("response.failed", response=failed)
 
 
-class ItemStream:
-    """An answer's text as it streams into output items and their events: a message's text
-    deltas, or function calls' argument deltas (``CallSplitter`` keeps the tags out)."""
+class ItemStream(AnswerStream):
+    """An answer's text as it streams into output items and their events: a reasoning item, then a
+    message's text deltas or function calls' argument deltas."""
 
     def __init__(self, answer: ResponsesAnswer) -> None:
+        super().__init__(answer.prepared)
         self.answer = answer
-        prepared = answer.prepared
-        self.splitter = CallSplitter(text=prepared.tool_calls != "required", fmt=prepared.tool_format) if prepared.tool_calls else None
-        self.thinking = ReasoningSplitter(prepared.reasoning.opened) if prepared.reasoning else None
         self.thought: str | None = None  # the open reasoning item's text
         self.items: list[dict[str, Any]] = []  # finished items
         self.text: str | None = None  # the open message's text
         self.call: dict[str, Any] | None = None  # the open call
 
-    def add(self, piece: str) -> list[str]:
-        if self.thinking is None:
-            return self._answer(piece)
-        out = []
-        for kind, text in self.thinking.add(piece):
-            out += self._reason(text) if kind == "reasoning" else (self._close() if self.thought is not None else []) + self._answer(text)
-        return out
-
-    def _answer(self, piece: str) -> list[str]:
-        if self.splitter is None:
-            return self._text(piece) if piece else []
-        out = []
-        for event in self.splitter.add(piece):
-            out += self._text(event[1]) if event[0] == "text" else self._call(*event[1:])
-        return out
-
-    def _reason(self, piece: str) -> list[str]:
+    def _thought(self, piece: str) -> list[str]:
         answer, out = self.answer, []
         if self.thought is None:
             self.thought = ""
@@ -309,18 +291,12 @@ class ItemStream:
                                 content_index=0, delta=piece))
         return out
 
-    def end(self, finished: bool) -> list[str]:
-        out = []
-        for kind, text in self.thinking.end() if self.thinking else []:
-            out += self._reason(text) if kind == "reasoning" else (self._close() if self.thought is not None else []) + self._answer(text)
-        for event in self.splitter.end(finished) if self.splitter else []:
-            out += self._text(event[1]) if event[0] == "text" else self._call(*event[1:])
-        if self.text is None and self.call is None and self.thought is None and not self.items:
-            out += self._text("")  # an empty answer is an empty message
-        return out + self._close()
+    def _finish(self) -> list[str]:
+        out = self._text("") if self.text is None and self.call is None and self.thought is None and not self.items else []
+        return out + self._close()  # an empty answer is an empty message
 
     def _text(self, piece: str) -> list[str]:
-        answer, out = self.answer, []
+        answer, out = self.answer, self._close() if self.thought is not None else []  # the thinking ends where the answer begins
         if self.text is None:
             self.text = ""
             item = answer.message_item("", "in_progress")
