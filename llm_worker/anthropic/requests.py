@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llm_worker.openai.errors import OpenAIError
+from llm_worker.openai.errors import renamed as chat_renamed
 from llm_worker.openai.requests import _Body, parse_body
 
 MESSAGES = "/v1/messages"
@@ -250,14 +251,8 @@ def chat_body(request: MessagesRequest) -> dict[str, Any]:
 
 
 def renamed(err: OpenAIError) -> OpenAIError:
-    """A chat request's refusal, naming this API's parameter."""
-    error = err.body["error"]
-    head, colon, rest = str(err).partition(": ")  # the fields a refusal names come before its first colon
-
-    def ours(text: str) -> str:
-        for chat, name in sorted(PARAMS.items(), key=lambda item: -len(item[0])):
-            text = re.sub(rf"(?<![\w.]){re.escape(chat)}(?![\w])", name, text)
+    """A chat request's refusal, naming this API's parameter (a tool's ``input_schema`` too)."""
+    def tools(text: str) -> str:
         return re.sub(r"(tools\[\d+\])\.function\.(parameters)?", lambda m: m[1] + (".input_schema" if m[2] else "."), text)
 
-    param = ours(error["param"]) if error["param"] else None
-    return OpenAIError(ours(head) + colon + rest, param, error["code"], error["type"], err.status)
+    return chat_renamed(err, PARAMS, tools)

@@ -129,6 +129,11 @@ class Shard:
         part = size // self.world
         return slice(self.rank * part, (self.rank + 1) * part)
 
+    def cut(self, style: str, out_features: int, in_features: int) -> tuple:
+        """The index of this rank's part of a planned layer's weight: its rows on a colwise layer
+        (its bias: the first element), its columns on a rowwise one."""
+        return (self.rows(out_features),) if style == COLWISE else (slice(None), self.rows(in_features))
+
     def describe(self) -> str:
         kv = f"{self.kv_heads} KV head" + ("s" if self.kv_heads > 1 else "")
         if self.kv_replicas > 1:
@@ -170,13 +175,11 @@ def shard_model(model, shard: Shard) -> int:
         layer = getattr(module, "base_layer", module)
         if type(layer) is not torch.nn.Linear:  # quantized layers, fused kernels: not cut here
             raise ShardingError(f"TENSOR_PARALLEL_SIZE: {name} is a {type(layer).__name__}; this worker splits plain linear layers")
-        if style == COLWISE and layer.weight.shape[0] == layer.out_features:  # not yet cut (``sliced.py`` reads it cut)
-            rows = shard.rows(layer.out_features)
-            layer.weight = _keep(layer.weight, (rows,))
-            if layer.bias is not None:
-                layer.bias = _keep(layer.bias, (rows,))
-        elif style != COLWISE and layer.weight.shape[1] == layer.in_features:
-            layer.weight = _keep(layer.weight, (slice(None), shard.rows(layer.in_features)))
+        cut = shard.cut(style, layer.out_features, layer.in_features)
+        if layer.weight.shape == (layer.out_features, layer.in_features):  # not yet cut (``sliced.py`` reads it cut)
+            layer.weight = _keep(layer.weight, cut)
+            if style == COLWISE and layer.bias is not None:
+                layer.bias = _keep(layer.bias, cut[:1])
         if style != COLWISE and layer.bias is not None and shard.rank:  # added once, by rank 0's part of the sum
             layer.bias.data.zero_()
     groups = shard.heads // shard.kv_heads

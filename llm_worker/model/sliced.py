@@ -73,7 +73,7 @@ def load_slices(model, files: dict[str, Path], shard: Shard, device: torch.devic
     check_split(shard.shape, shard.world)
     cuts: dict[str, tuple] = {}
     for name, module, style in planned_modules(model, plan_of(model)):
-        cut = (shard.rows(module.out_features),) if style == COLWISE else (slice(None), shard.rows(module.in_features))
+        cut = shard.cut(style, module.out_features, module.in_features)
         cuts[f"{name}.weight"] = cut
         if style == COLWISE and module.bias is not None:
             cuts[f"{name}.bias"] = cut[:1]

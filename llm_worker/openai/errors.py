@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 from llm_worker.engine import EngineError
 
 
@@ -29,3 +32,19 @@ def unavailable(reason: str) -> OpenAIError:
 
 def server_error(err: EngineError) -> OpenAIError:
     return OpenAIError(str(err), type="server_error", status=500)
+
+
+def renamed(err: OpenAIError, names: dict[str, str], more: Callable[[str], str] = lambda text: text) -> OpenAIError:
+    """A chat request's refusal as another API words it: each chat parameter in ``names`` given
+    that API's name, in the parameter and in the fields the message names before its first colon;
+    ``more``: that API's other renames."""
+    error = err.body["error"]
+    head, colon, rest = str(err).partition(": ")
+
+    def ours(text: str) -> str:
+        for chat, name in sorted(names.items(), key=lambda item: -len(item[0])):  # the longest first: a.b before a
+            text = re.sub(rf"(?<![\w.]){re.escape(chat)}(?![\w])", name, text)
+        return more(text)
+
+    param = ours(error["param"]) if error["param"] else None
+    return OpenAIError(ours(head) + colon + rest, param, error["code"], error["type"], err.status)

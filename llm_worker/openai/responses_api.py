@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from llm_worker.engine import Completion, Delta, EngineError
-from llm_worker.openai.errors import OpenAIError
+from llm_worker.openai.errors import OpenAIError, renamed
 from llm_worker.openai.prepare import prepare
 from llm_worker.openai.requests import CHAT, Function, _Body, parse_body
 from llm_worker.openai.responses import FINISH_REASONS
@@ -160,17 +160,6 @@ def chat_body(request: ResponsesRequest) -> dict[str, Any]:
     return body
 
 
-def renamed(err: OpenAIError) -> OpenAIError:
-    """A chat request's refusal, naming the Responses API's parameter."""
-    error = err.body["error"]
-    param, message = error["param"], str(err)
-    for chat, ours in PARAMS.items():
-        if param and (param == chat or param.startswith((chat + ".", chat + "["))):
-            param = ours + param[len(chat) :]
-            message = message.replace(chat, ours, 1)
-    return OpenAIError(message, param, error["code"], error["type"], err.status)
-
-
 class ResponsesAnswer:
     """One Responses request, prepared: its response object, or its stream of typed events."""
 
@@ -179,7 +168,7 @@ class ResponsesAnswer:
         try:
             self.prepared = prepare(worker, CHAT, chat_body(self.request), job_id)
         except OpenAIError as err:
-            raise renamed(err) from None
+            raise renamed(err, PARAMS) from None
         self.worker = worker
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
