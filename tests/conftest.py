@@ -53,6 +53,20 @@ def doc_blocks(page: str, title: str | None = None) -> list[tuple[str, str]]:
     return FENCE.findall(text)
 
 
+# The embedded model's chat template, its generation prompt changed: to one that thinks (Qwen3's
+# enable_thinking: false writes an empty block), or to one that opens the thinking (R1-style).
+GENERATION = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+THINKING = ("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and not enable_thinking %}"
+            "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
+OPENING = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+
+
+def template(base_model_dir: Path, generation: str) -> str:
+    text = (base_model_dir / "chat_template.jinja").read_text()
+    assert GENERATION in text
+    return text.replace(GENERATION, generation)
+
+
 def seed_tasks(count: int, skip: int = 0) -> list[dict]:
     """Real instructions from the Alpaca seed tasks, as job inputs' prompt_config."""
     rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()[skip : skip + count]]

@@ -6,8 +6,9 @@ that makes the host wait for its tokens), through the RunPod door and the HTTP s
 One burst of jobs covers greedy, seeded sampling, stop strings, ``max_new_tokens``, the end token,
 logprobs, penalties kept on the device, structured output and n-gram bans (steps that run one
 after the other while they are in the batch), mixed adapters, a shared prefix (the prefix cache),
-a job cancelled mid-stream and a job that fails alone (non-finite logits). fp32: a batch does not
-change an answer, so what differs is the overlap's doing.
+a job cancelled mid-stream and a job that fails alone (non-finite logits); through the HTTP server,
+a chat whose thinking budget forces the close. fp32: a batch does not change an answer, so what
+differs is the overlap's doing.
 """
 
 import asyncio
@@ -18,7 +19,7 @@ import time
 
 import pytest
 import torch
-from conftest import POISON, nan_logits, running, seed_tasks, uncached
+from conftest import OPENING, POISON, nan_logits, running, seed_tasks, template, uncached
 from openai import AsyncOpenAI
 
 from benchmarks.simulated_gpu import SimulatedGpu, StepTimes
@@ -92,11 +93,13 @@ def run_burst(worker, overlap: bool) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, pirate_adapter, robot_adapter):
-    """The two test adapters, and the pirate again as "parrot" (its first load comes mid-flight)."""
+def adapter_dir(tmp_path_factory, pirate_adapter, robot_adapter, base_model_dir):
+    """The two test adapters, the pirate again as "parrot" (its first load comes mid-flight), and
+    as "opener", whose chat template opens the thinking (a thinking budget closes it)."""
     folder = tmp_path_factory.mktemp("overlap-adapters")
-    for adapter, name in ((pirate_adapter, "pirate"), (robot_adapter, "robot"), (pirate_adapter, "parrot")):
+    for adapter, name in ((pirate_adapter, "pirate"), (robot_adapter, "robot"), (pirate_adapter, "parrot"), (pirate_adapter, "opener")):
         shutil.copytree(adapter, folder / name)
+    (folder / "opener" / "chat_template.jinja").write_text(template(base_model_dir, OPENING))
     return folder
 
 
@@ -199,8 +202,14 @@ def test_the_http_door_streams_the_same_chat_with_and_without_overlap(simulated_
             )
             return [(c.choices[0].delta.content, c.choices[0].finish_reason) async for c in stream if c.choices]
 
+        async def thinks(question):  # its steps run one after the other until the budget's close is written
+            stream = await client.chat.completions.create(model="opener", messages=[{"role": "user", "content": question}], max_tokens=24,
+                                                          stream=True, temperature=0, extra_body={"thinking_token_budget": 5})
+            return [(getattr(c.choices[0].delta, "reasoning_content", None), c.choices[0].delta.content, c.choices[0].finish_reason)
+                    async for c in stream if c.choices]
+
         async with client:
-            return await asyncio.gather(*(one(q, i) for i, q in enumerate(questions)))
+            return await asyncio.gather(*(one(q, i) for i, q in enumerate(questions)), thinks(questions[0]))
 
     with running(create_app(simulated_worker, ServerSettings())) as url:
         results = {}
@@ -211,7 +220,9 @@ def test_the_http_door_streams_the_same_chat_with_and_without_overlap(simulated_
             finally:
                 simulated_worker.engine.overlap = False
     assert results[True] == results[False]
-    assert all(chunks[-1][1] in ("stop", "length") for chunks in results[True])
+    assert all(chunks[-1][-1] in ("stop", "length") for chunks in results[True])
+    thought = [chunk for chunk in results[True][-1] if chunk[0]]
+    assert thought and any(chunk[1] for chunk in results[True][-1][len(thought):])  # it thought, then answered
 
 
 def test_a_carried_token_is_read_from_the_device_where_the_input_id_points():

@@ -7,26 +7,24 @@ template; answers without thinking are unchanged."""
 import json
 import logging
 import shutil
+from dataclasses import replace
 
 import anthropic
 import openai
 import pytest
-from conftest import built_once, running
+from conftest import OPENING, THINKING, built_once, job, running, template
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_worker.doors.app import create_app
+from llm_worker.engine.thinking import FORCED_CLOSE, ThinkingBudget
 from llm_worker.model.finetune import LoraTraining, train_lora
-from llm_worker.model.reasoning import Reasoning, ReasoningSplitter, detect
+from llm_worker.model.reasoning import Reasoning, ReasoningSplitter, choice_body, detect
 from llm_worker.service import Worker
 from llm_worker.settings import ServerSettings, Settings
 
 THOUGHT = "The user wants a short reply. I will greet them."
 ANSWER = "Hello there, friend!"
-GENERATION = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-THINKING = ("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and not enable_thinking %}"
-            "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
-OPENING = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
 SCHEMA = {"type": "object", "properties": {"greeting": {"type": "string", "maxLength": 24}}, "required": ["greeting"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -62,12 +60,6 @@ def test_which_prompts_think():
 
 
 # ---------------------------------------------------------------------- a model that thinks
-def template(base_model_dir, generation: str) -> str:
-    text = (base_model_dir / "chat_template.jinja").read_text()
-    assert GENERATION in text
-    return text.replace(GENERATION, generation)
-
-
 @pytest.fixture(scope="module")
 def served(base_model_dir, tmp_path_factory, pirate_adapter):
     """(the server's URL, its worker): the thinking adapter as ``thinker``, an adapter whose
@@ -157,7 +149,57 @@ def test_a_prompt_that_opens_the_thinking_and_a_model_that_does_not_think(served
     client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
     with pytest.raises(anthropic.BadRequestError, match="thinking: this model does not think here"):
         client.messages.create(model=worker.loaded.name, max_tokens=8, messages=[{"role": "user", "content": "Hi"}],
-                               thinking={"type": "enabled", "budget_tokens": 1024})
+                               thinking={"type": "enabled", "budget_tokens": 4})
+    with pytest.raises(openai.BadRequestError, match="thinking_token_budget: this model does not think here"):
+        chat(url).chat.completions.create(model=worker.loaded.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          extra_body={"thinking_token_budget": 4})
+
+
+# ---------------------------------------------------------------------- a thinking budget
+def test_the_engine_closes_the_thinking_when_its_budget_is_spent_and_the_answer_goes_on(fp32_worker):
+    """Token for token: the answer's first ``budget`` tokens are the free answer's, then the close
+    the engine writes, then the model's own tokens again; an answer that never opens the thinking
+    is untouched; under a grammar the forced close is the grammar's too."""
+    tokenizer = fp32_worker.loaded.tokenizer
+    close = tuple(tokenizer.encode(FORCED_CLOSE, add_special_tokens=False))
+    _, request = fp32_worker.prepare(job("Tell me about the moon.", max_new_tokens=24))
+    free = fp32_worker.engine.generate(request).token_ids
+    assert not any(token in close[1:4] for token in free)  # the model does not close a thinking by itself here
+    bounded = fp32_worker.engine.generate(replace(request, thinking=ThinkingBudget(5, True, close))).token_ids
+    assert bounded[:5] == free[:5] and tuple(bounded[5 : 5 + len(close)]) == close and len(bounded) > 5 + len(close)
+    assert fp32_worker.engine.generate(replace(request, thinking=ThinkingBudget(5, False, close))).token_ids == free
+    grammar = fp32_worker.grammars.compile_lark("choice", Reasoning(opened=True).grammar(choice_body(["yes", "no"])))
+    chosen = fp32_worker.engine.generate(replace(request, grammar=grammar, thinking=ThinkingBudget(4, True, close)))
+    assert chosen.finish_reason != "length" and tuple(chosen.token_ids[4 : 4 + len(close)]) == close
+    assert Reasoning(opened=True).split(chosen.text)[1] in ("yes", "no")
+
+
+def test_a_thinking_budget_bounds_the_thinking_on_each_api_and_the_answer_still_comes(served):
+    url, worker = served
+    free = chat(url).chat.completions.create(**ask()).choices[0].message
+    thoughts = []
+    for budget in (3, 6):
+        message = chat(url).chat.completions.create(**ask(extra_body={"thinking_token_budget": budget})).choices[0].message
+        thought = message.reasoning_content.strip()
+        assert free.reasoning_content.strip().startswith(thought) and len(worker.loaded.tokenizer.encode(thought)) <= budget
+        assert message.content  # the answer comes after the close the engine wrote
+        streamed = "".join(getattr(chunk.choices[0].delta, "reasoning_content", None) or "" for chunk in chat(url).chat.completions.create(
+            **ask(stream=True, extra_body={"thinking_token_budget": budget})) if chunk.choices)
+        assert streamed == message.reasoning_content
+        thoughts.append(thought)
+    assert len(thoughts[0]) < len(thoughts[1]) < len(free.reasoning_content.strip())
+    format_ = {"type": "json_schema", "json_schema": {"name": "greeting", "schema": SCHEMA}}
+    shaped = chat(url).chat.completions.create(**ask(response_format=format_, max_tokens=160, extra_body={"thinking_token_budget": 3}))
+    assert shaped.choices[0].message.reasoning_content.strip() == thoughts[0] and set(json.loads(shaped.choices[0].message.content)) == {"greeting"}
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "thinker", "max_tokens": 60, "messages": [{"role": "user", "content": "Say hello."}], "extra_body": {"temperature": 0},
+            "thinking": {"type": "enabled", "budget_tokens": 3}}
+    message = client.messages.create(**body)
+    assert [block.type for block in message.content] == ["thinking", "text"] and message.content[0].thinking.strip() == thoughts[0]
+    with client.messages.stream(**body) as stream:
+        assert [b.model_dump() for b in stream.get_final_message().content] == [b.model_dump() for b in message.content]
+    with pytest.raises(anthropic.BadRequestError, match=r"thinking.budget_tokens: must be less than max_tokens \(60\)"):
+        client.messages.create(**{**body, "thinking": {"type": "enabled", "budget_tokens": 60}})
 
 
 def test_answers_without_thinking_have_no_reasoning_field(served):

@@ -35,12 +35,6 @@ class MessagesAnswer:
             self.prepared = prepare(worker, CHAT, chat_body(self.request), job_id)
         except OpenAIError as err:
             raise renamed(err) from None
-        thinking = self.request.thinking
-        if thinking is not None and thinking.type == "enabled" and self.prepared.reasoning is None:
-            raise OpenAIError(
-                "thinking: this model does not think here (its chat template writes no <think> block, or this prompt closes it); "
-                "leave thinking out, or send {\"type\": \"disabled\"}", "thinking",
-            )
         self.worker = worker
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 

@@ -25,7 +25,7 @@ COUNT_TOKENS = "/v1/messages/count_tokens"
 PARAMS = {
     "max_completion_tokens": "max_tokens", "stop": "stop_sequences", "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
     "continue_final_message": "messages", "response_format.json_schema.schema": "output_config.format.schema",
-    "response_format": "output_config.format",
+    "response_format": "output_config.format", "thinking_token_budget": "thinking",
 }
 MEDIA = ("image", "document", "search_result", "container_upload")
 
@@ -227,7 +227,10 @@ def thinking_body(request: MessagesRequest | CountTokensRequest) -> dict[str, An
         return {}
     if thinking.type == "disabled":
         return {"chat_template_kwargs": {"enable_thinking": False}}
-    return {}  # enabled: the model thinks as its template says (checked once prepared); budget_tokens is not enforced
+    if isinstance(request, MessagesRequest) and thinking.budget_tokens >= request.max_tokens:
+        raise OpenAIError(f"thinking.budget_tokens: must be less than max_tokens ({request.max_tokens}), which also bounds the answer",
+                          "thinking.budget_tokens")
+    return {"thinking_token_budget": thinking.budget_tokens}  # the engine closes the thinking when they are spent
 
 
 def chat_body(request: MessagesRequest) -> dict[str, Any]:

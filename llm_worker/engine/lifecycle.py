@@ -60,6 +60,8 @@ class Lifecycle:
             return
         self.clock.lap("accept")
         seq.text.add(token)
+        if seq.budget is not None and seq.budget.live:
+            seq.budget.add(seq.text.text)
         if seq.text.stopped:
             self.finish(seq, "stop")
         elif len(seq.generated) >= seq.slot.max_new_tokens:

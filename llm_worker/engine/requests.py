@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_worker.engine.constraints import Grammar
+from llm_worker.engine.thinking import ThinkingBudget
 from llm_worker.schema import GenerationConfig
 
 __all__ = [
@@ -40,6 +41,7 @@ class GenerationRequest:
     grammar: Grammar | None = None  # the answer must follow it (a compiled json_schema, regex or choice)
     strip: bool = True  # answer without leading and trailing whitespace; False: exactly as generated
     job_id: str | None = None  # the job it answers, as the door names it (RunPod's job id): for the logs
+    thinking: ThinkingBudget | None = None  # its thinking is bounded: the engine closes it when the tokens are spent
 
 
 @dataclass(frozen=True)

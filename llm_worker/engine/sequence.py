@@ -15,6 +15,7 @@ from llm_worker.engine.runner import StepInputs
 from llm_worker.engine.sampler import SamplingParams
 from llm_worker.engine.scheduler import PrefillChunk, Slot
 from llm_worker.engine.text import AnswerText
+from llm_worker.engine.thinking import BudgetState
 
 
 @dataclass(eq=False)
@@ -40,6 +41,7 @@ class Sequence:
     prompt_carry: torch.Tensor | None = None  # the last chunk's last logits row: it scores the next chunk's first token
     ahead: int = 0  # tokens sampled by steps in flight, not yet read back and accepted
     newest: tuple[object, int] | None = None  # where the newest of those is: (its launch, its row)
+    budget: BudgetState | None = None  # where its thinking stands under its budget, when it has one
 
     @classmethod
     def start(cls, id: int, request: GenerationRequest, sink: Sink, tokenizer, prefix_caching: bool) -> Sequence:
@@ -69,6 +71,7 @@ class Sequence:
         text = AnswerText(tokenizer, request.stop, may_stop=grammar.accepts if grammar else None, strip=request.strip)
         seq = cls(id, request, sink, RequestHandle(), time.monotonic(), slot, params, text)
         seq.matcher = grammar.start() if grammar else None
+        seq.budget = BudgetState(request.thinking) if request.thinking else None
         return seq
 
     @property
@@ -88,8 +91,14 @@ class Sequence:
 
     @property
     def host_bound(self) -> bool:
-        """Whether its next step needs its newest token on the host first: a grammar's mask, n-gram bans."""
-        return self.matcher is not None or bool(self.params.no_repeat_ngram_size)
+        """Whether its next step needs its newest token on the host first: a grammar's mask, n-gram
+        bans, a thinking budget that may still force the close."""
+        return self.matcher is not None or bool(self.params.no_repeat_ngram_size) or (self.budget is not None and self.budget.live)
+
+    @property
+    def forced_token(self) -> int | None:
+        """The token its next step must produce (the thinking budget's close), if any."""
+        return self.budget.forced_token if self.budget is not None else None
 
     def pool_index(self, position: int) -> int:
         """Where the token at ``position`` lives in the flat pool."""

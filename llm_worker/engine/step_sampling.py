@@ -127,12 +127,17 @@ class StepSampler:
         return [row if row is not None else torch.zeros(self.vocab, dtype=dtype, device=self.device) for row in rows]
 
     def _bans(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """n-gram bans, for the rare rows that ask for them (host work per such row)."""
-        rows = [(i, s) for i, s in enumerate(seqs) if s.params.no_repeat_ngram_size]
+        """n-gram bans, for the rare rows that ask for them, and every token but the forced one for
+        a row whose thinking budget closes the thinking (host work per such row)."""
+        rows = [(i, s) for i, s in enumerate(seqs) if s.params.no_repeat_ngram_size or s.forced_token is not None]
         if not rows:
             return None
         banned = torch.zeros((len(seqs), self.vocab), dtype=torch.bool)
         for i, seq in rows:
+            if (forced := seq.forced_token) is not None:
+                banned[i] = True
+                banned[i, forced] = False
+                continue
             tokens = banned_ngram_tokens(seq.request.prompt_ids + seq.generated, seq.params.no_repeat_ngram_size)
             banned[i, tokens] = True
         return banned.to(self.device)

@@ -2,7 +2,7 @@
 before its answer. Their thinking comes back apart from the answer (``reasoning_content`` on Chat
 Completions, a ``reasoning`` item on Responses, ``thinking`` blocks on Messages), and a constraint
 (a schema, tool calls) applies to the answer, after the thinking. A thinking budget (Anthropic's
-``budget_tokens``) is not enforced: the thinking and the answer share the answer's ``max_tokens``.
+``budget_tokens``, vLLM's ``thinking_token_budget``) is the engine's: ``engine/thinking.py``.
 
 Whether a request's answer may think is read from its chat template and its rendered prompt
 (``detect``): the template writes ``<think>`` (else the model does not think); a prompt that ends

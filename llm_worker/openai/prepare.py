@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from llm_worker.engine import GenerationRequest
 from llm_worker.engine.constraints import JSON_LAYOUT, closed_objects
+from llm_worker.engine.thinking import FORCED_CLOSE, ThinkingBudget
 from llm_worker.errors import InputError
 from llm_worker.model.adapters import AdapterError
 from llm_worker.model.prompts import file_templates, render_prompt
@@ -247,6 +248,8 @@ def prepare(worker: Worker, route: str, body: Any, job_id: str | None = None) ->
                 base = replace(base, grammar=thinking_grammar(worker, reasoning, constrained, request))
             elif isinstance(request.response_format, JsonSchemaResponseFormat) and request.response_format.json_schema.strict:
                 worker.grammars.compile("json_schema", generation["json_schema"], strict=True)  # OpenAI's strict: all enforced
+            if chat and request.thinking_token_budget is not None:
+                base = replace(base, thinking=thinking_budget(worker, reasoning, request.thinking_token_budget))
             if chat and request.continue_final_message:  # the text goes on from the prefill: its leading space is kept
                 base = replace(base, strip=False)
             if not chat:  # a completion is the text exactly as generated, leading space included (OpenAI, vLLM)
@@ -276,6 +279,15 @@ def thinking(worker: Worker, adapter: str | None, ids: list[int]) -> Reasoning |
     if template in file_templates():
         template = None
     return detect(template, tokenizer.decode(ids[-16:], skip_special_tokens=False))
+
+
+def thinking_budget(worker: Worker, reasoning: Reasoning | None, tokens: int) -> ThinkingBudget:
+    """The engine's bound on the thinking (``engine/thinking.py``); refused where the answer does not think."""
+    if reasoning is None:
+        raise OpenAIError("thinking_token_budget: this model does not think here (its chat template writes no <think> block, "
+                          "or this prompt closes it); leave it out", "thinking_token_budget")
+    close = worker.loaded.tokenizer.encode(FORCED_CLOSE, add_special_tokens=False)
+    return ThinkingBudget(tokens, reasoning.opened, tuple(close))
 
 
 def thinking_grammar(worker: Worker, reasoning: Reasoning, constrained: tuple[str, str, Any], request: _Request):

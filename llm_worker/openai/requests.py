@@ -161,6 +161,7 @@ class ChatRequest(_Request):
     parallel_tool_calls: bool | None = None  # false: at most one call per answer
     continue_final_message: bool = False  # vLLM's: the answer continues the last (assistant) message, a prefill
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: passed to the chat template (Qwen3's enable_thinking)
+    thinking_token_budget: int | None = Field(None, ge=1)  # vLLM's: the thinking's tokens at most, then the engine closes it
 
 
 class CompletionRequest(_Request):
