@@ -67,5 +67,6 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 	$(PIP) -r requirements-dev.txt
 	$(PIP) --no-deps instructor==1.17.0  # tests/test_client_schemas.py; its pins (jiter<0.15, rich<15) predate openai 3's needs
+	$(PIP) --no-deps llama-index-llms-openai==0.8.3 llama-index-llms-openai-like==0.8.1  # the same; they pin openai<3
 	$(PY) -m ipykernel install --sys-prefix --name llm-worker --display-name "Python (llm-worker)"
 	touch $@

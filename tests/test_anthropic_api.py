@@ -4,8 +4,10 @@
 stop sequences; a prefill; token counts; Anthropic's error shapes and ``x-api-key``; RunPod jobs."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -220,14 +222,28 @@ def test_runpod_jobs_reach_the_messages_api(fp32_worker):
     assert refused["type"] == "error" and refused["error"]["type"] == "invalid_request_error" and refused["error"]["message"].startswith("max_tokens")
 
 
-def test_the_docs_example_runs_as_written_against_a_local_server(served, tmp_path):
+CLIENTS = ["Anthropic's Messages API", "OpenAI's Agents SDK", "instructor", "LlamaIndex"]
+
+
+def test_every_client_on_the_clients_page_has_its_snippet_run():
+    page = (Path(__file__).parent.parent / "docs" / "clients.md").read_text()
+    assert re.findall(r"^## (.+)$", page, re.MULTILINE) == CLIENTS
+
+
+@pytest.mark.parametrize("section", CLIENTS)
+def test_each_clients_snippet_runs_as_written_against_a_local_server(served, tmp_path, section):
     url, _, _ = served
-    (language, code), = doc_blocks("docs/clients.md")
+    (language, code), = doc_blocks("docs/clients.md", section)
     assert language == "python" and "http://localhost:8000" in code
     script = tmp_path / "example.py"
     script.write_text(code.replace("http://localhost:8000", url).replace('api_key="unused"', f'api_key="{KEY}"'))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert any(line.startswith("get_weather {'city': ") for line in lines) and int(lines[-1]) > 0
-    assert lines[-2].startswith("{'city': ") and "'country': " in lines[-2]  # the structured answer
+    if section == "Anthropic's Messages API":
+        assert any(line.startswith("get_weather {'city': ") for line in lines) and int(lines[-1]) > 0
+        assert lines[-2].startswith("{'city': ") and "'country': " in lines[-2]  # the structured answer
+    elif section == "OpenAI's Agents SDK":
+        assert lines[0] == "['tool_call_item', 'tool_call_output_item', 'message_output_item']" and "".join(lines[1:]).strip()
+    else:  # instructor, LlamaIndex: the answer parsed into the model
+        assert re.fullmatch(r"name='.+' country='.+'", lines[-1]), lines

@@ -63,6 +63,25 @@ def test_the_grammar_offers_text_or_valid_calls_and_nothing_else(fp32_worker):
     assert not single.accepts("Sunny.")
 
 
+def test_a_nested_models_reference_resolves_and_its_object_is_closed_as_the_parameters_are(fp32_worker):
+    """pydantic's ``$defs`` (a nested model, an enum) inside a tool's parameters: each reference
+    resolves, and the nested object takes no made-up keys (a small model otherwise adds them until
+    ``max_tokens``: LlamaIndex's structured_predict found it)."""
+    parameters = {"$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                            "Color": {"enum": ["red", "blue"], "type": "string"}},
+                  "type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}, "likes": {"$ref": "#/$defs/Color"}},
+                  "required": ["home", "likes"]}
+    tools = [Tool.model_validate({"type": "function", "function": {"name": "person", "parameters": parameters}})]
+    grammar = fp32_worker.grammars.compile_lark("tools", call_grammar(tools, text=False, parallel=False))
+
+    def call(arguments: str) -> str:
+        return '<tool_call>\n{"name": "person", "arguments": %s}\n</tool_call>' % arguments
+
+    assert grammar.accepts(call('{"home": {"city": "Paris"}, "likes": "red"}'))
+    assert not grammar.accepts(call('{"home": {"city": "Paris"}, "likes": "green"}'))
+    assert not grammar.accepts(call('{"home": {"city": "Paris", "zip_code": "75001"}, "likes": "red"}'))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_splitter_streams_text_or_calls_and_never_the_tags(seed):
     rng = random.Random(seed)

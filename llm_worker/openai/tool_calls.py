@@ -123,7 +123,9 @@ def offered_tools(request: ChatRequest) -> tuple[list[Tool], bool]:
     choice = request.tool_choice
     if not request.tools:
         if choice not in (None, "none"):
-            raise OpenAIError("tool_choice: needs tools", "tool_choice")
+            shown = repr(choice) if isinstance(choice, str) else f"the function {choice.function.name!r}"
+            raise OpenAIError(f"tool_choice: {shown} needs tools, and this request has none; send tools, or leave tool_choice out",
+                              "tool_choice")
         return [], True
     if choice is None or choice == "auto":
         return request.tools, True
@@ -154,7 +156,9 @@ def call_grammar(tools: list[Tool], text: bool, parallel: bool, fmt: ToolFormat 
             "additionalProperties": False,
         })
     strict = any(tool.function.strict for tool in tools)  # else what cannot be enforced is left out (and logged)
-    schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls, **({"$defs": definitions} if definitions else {})}
+    schema = {"x-guidance": {**JSON_LAYOUT, "lenient": not strict}, "anyOf": calls}
+    if definitions:  # closed as the parameters are: a nested model's object takes no made-up keys either
+        schema["$defs"] = {name: closed_objects(sub) for name, sub in definitions.items()}
     lines = [
         "start: TEXT | calls" if text else "start: calls",
         f"calls: call ({json.dumps(BETWEEN)} call)*" if parallel and fmt.parallel else "calls: call",
