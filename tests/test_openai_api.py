@@ -122,7 +122,9 @@ def test_completion_logprobs_are_every_generated_token_the_end_token_included(se
 def test_models_are_the_base_model_and_every_adapter(served):
     listing = call(served, "/v1/models")
     assert listing["object"] == "list"
-    assert [strictly(Model, m).id for m in listing["data"]] == [served.loaded.name, "pirate"]
+    assert [strictly(Model, m).id for m in listing["data"]] == [served.loaded.name, "base", "pirate"]
+    missing = chat(served, model="parrot", max_tokens=2)["error"]
+    assert missing["code"] == "model_not_found" and missing["message"].endswith("available: SmolLM2-135M-Instruct, base, pirate")
 
 
 def test_n_with_a_seed_gives_different_answers_that_reproduce(served):
@@ -228,6 +230,30 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(served, route, body
         assert error["error"]["param"] == param and error["error"]["type"] == "invalid_request_error"
         assert error["error"]["message"].startswith(param) or param in error["error"]["message"]
     assert "Paris" in chat(served, max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
+
+
+TEXT_ONLY = 'this model reads text only; send the content as a string or as {"type": "%s", "text": ...} parts'
+
+
+@pytest.mark.parametrize(
+    "route, body, message",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is in it?"},
+                                                          {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+         "messages[0].content: content[1] is a 'image_url' part: " + TEXT_ONLY % "text"),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/cat.png"}]}]},
+         "input[0].content: content[0] is a 'input_image' part: " + TEXT_ONLY % "input_text"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+         "response_format.json_schema: Field required"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text: Field required"),
+    ],
+)
+def test_an_error_names_the_real_rule_and_its_parameter_once(served, route, body, message):
+    """An image part is refused as what it is (not "Input should be a valid string"); a
+    discriminated union's tag is not written into the path (``json_schema.json_schema``); of a
+    union's branches, the error that went deepest is the one told."""
+    error = call(served, route, **body)["error"]
+    assert error["message"] == message and error["param"] == message.split(":")[0]
 
 
 @pytest.mark.parametrize(

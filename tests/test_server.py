@@ -149,7 +149,7 @@ def test_the_openai_client_chats_and_completes_plain_and_streaming(served):
         model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
     )
     assert "".join(chunk.choices[0].text for chunk in streamed) == text.choices[0].text
-    assert [model.id for model in client.models.list()] == ["SmolLM2-135M-Instruct"]
+    assert [model.id for model in client.models.list()] == ["SmolLM2-135M-Instruct", "base"]
 
 
 def test_a_stream_arrives_token_by_token(served):
@@ -446,3 +446,25 @@ def test_sigterm_lets_requests_finish_or_fail_and_exits_0(tmp_path):
     last = json.loads(lines[-2].removeprefix("data: "))
     assert last.get("error", {}).get("type") == "server_error" or last["choices"][0]["finish_reason"] == "stop"
     assert re.search(r"POST /generate HTTP/1.1\" 503", logged)
+
+
+def test_the_openai_pages_client_example_runs_as_written(served, tmp_path):
+    """docs/openai.md's first example, against a local server: chat, a stream, the Responses API."""
+    (language, code), *_ = doc_blocks("docs/openai.md")
+    assert language == "python" and "http://localhost:8000/v1" in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("http://localhost:8000", served.url))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert "Paris" in lines[0] and lines[-1].split(" ", 1)[0] in ("completed", "incomplete") and len(lines[-1].split(" ", 1)) == 2
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the commands use curl")
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_openai_pages_tokenizer_commands_print_what_they_show(served, index):
+    blocks = doc_blocks("docs/openai.md", "The tokenizer routes")
+    assert [language for language, _ in blocks] == ["bash", "json"] * 2
+    command, shown = blocks[2 * index][1], blocks[2 * index + 1][1]
+    done = subprocess.run(["bash", "-c", command.replace("http://localhost:8000", served.url)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout) == json.loads(shown), done.stdout

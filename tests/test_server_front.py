@@ -3,6 +3,7 @@
 browsers' CORS preflights with CORS_ORIGINS. (Start-up and SIGTERM: tests/test_server.py, in a
 process of its own.)"""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -188,3 +189,20 @@ def test_listening_on_every_interface_without_a_key_is_warned_about_at_once(tmp_
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
+
+
+def test_answers_while_the_model_loads_are_counted_unavailable_not_server_errors():
+    """Every start answers /health with 503 ``loading`` until the model is ready: an alert on
+    server errors must not fire on each restart."""
+    app = create_app(None, ServerSettings())  # its lifespan does not run here: the model never starts loading
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://door") as client:
+            health, models = await client.get("/health"), await client.get("/v1/models")
+            return health, models, (await client.get("/metrics")).text
+
+    health, models, metrics = asyncio.run(calls())
+    assert health.status_code == models.status_code == 503 and health.json()["status"] == "loading"
+    assert 'llm_worker_http_requests_total{outcome="unavailable",route="/health"} 1.0' in metrics
+    assert 'llm_worker_http_requests_total{outcome="unavailable",route="/v1/models"} 1.0' in metrics
+    assert 'outcome="server_error"' not in metrics

@@ -249,7 +249,8 @@ class Gate:
         finally:
             self.door.in_flight -= not public
             if not streamed:
-                self.door.metrics.request(route, outcome(status))
+                waiting = status == 503 and (self.door.worker is None or self.door.draining)  # loading, or shutting down
+                self.door.metrics.request(route, "unavailable" if waiting else outcome(status))
 
 
 async def native_events(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:

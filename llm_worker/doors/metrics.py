@@ -17,7 +17,7 @@ from llm_worker.reports import RequestRecord
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a fast GPU's first token to a long CPU answer.
 LATENCY_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
-OUTCOMES = ("success", "client_error", "server_error", "cancelled", "overloaded")
+OUTCOMES = ("success", "client_error", "server_error", "cancelled", "overloaded", "unavailable")
 
 
 class Metrics:
@@ -27,8 +27,8 @@ class Metrics:
         self.requests = Counter(
             "llm_worker_http_requests",
             "HTTP requests by route (unmatched: an unknown path) and outcome: success, client_error (4xx), "
-            "server_error (5xx, or an error after a stream began), cancelled (the client went away first) "
-            "and overloaded (429: MAX_WAITING_REQUESTS reached).",
+            "server_error (5xx, or an error after a stream began), cancelled (the client went away first), "
+            "overloaded (429: MAX_WAITING_REQUESTS reached) and unavailable (503 while the model loads or the server shuts down).",
             ["route", "outcome"],
             registry=registry,
         )

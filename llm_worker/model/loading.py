@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from llm_worker.model import quantization as quantized
+from llm_worker.model.cuda_host import check_gpu_usable
 from llm_worker.settings import Settings
 from model_cache import EMBEDDED_NAME, resolve_adapter_source, resolve_base_model
 
@@ -53,6 +54,7 @@ class LoadedModel:
 
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
+        check_gpu_usable()  # a GPU this torch cannot use fails the start (cuda_host.py)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -33,6 +33,7 @@ from llm_worker.openai.requests import (
 from llm_worker.model.reasoning import Reasoning, choice_body, detect, wrap_lark
 from llm_worker.openai.tool_calls import HERMES, ToolFormat, call_grammar, describe_tools, offered_tools, tool_format
 from llm_worker.schema import GenerationConfig
+from llm_worker.settings import BASE_ADAPTER_NAME
 
 if TYPE_CHECKING:
     from llm_worker.service import Worker
@@ -310,7 +311,9 @@ def default_max_tokens(worker: Worker, prompt_tokens: int) -> int:
 
 
 def model_names(worker: Worker) -> list[str]:
-    names = [worker.loaded.name, *worker.adapters.known()]
+    """What ``model`` may name: the served model, ``base`` (the base model without any adapter,
+    unless one is merged into its weights) and every adapter."""
+    names = [worker.loaded.name, *([] if worker.adapters.merged else [BASE_ADAPTER_NAME]), *worker.adapters.known()]
     if worker.adapters.merged and worker.adapters.merged not in names:
         names.append(worker.adapters.merged)
-    return names
+    return list(dict.fromkeys(names))

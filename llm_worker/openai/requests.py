@@ -9,9 +9,12 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from llm_worker.openai.errors import OpenAIError
 
@@ -40,12 +43,29 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
+def text_parts_only(content: Any, kinds: tuple[str, ...] = ("text",)) -> Any:
+    """A message's content as sent, refused by name when a part is not text (an image, audio, a
+    file): pydantic would only say the content is not a string."""
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in kinds:
+                raise PydanticCustomError("media", f"content[{i}] is a {kind!r} part: this model reads text only; send the content "
+                                                   f'as a string or as {{"type": "{kinds[0]}", "text": ...}} parts', {})
+    return content
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: to which call
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        return text_parts_only(content)
 
     @property
     def text(self) -> str:
@@ -189,8 +209,12 @@ def parse_body(model: type[_Body], body: Any, prefix: str = "") -> _Body:
     try:
         request = model.model_validate(body)
     except ValidationError as err:
-        item = err.errors(include_url=False)[0]
-        param = _param(item["loc"])
+        errors = err.errors(include_url=False)
+        # the first field at fault; of its union's branches, the one whose error is inside an object (a
+        # part's missing text), not the first branch's (not a string)
+        first = _param(errors[0]["loc"], model)
+        item = max((e for e in errors if _param(e["loc"], model).startswith(first)), key=lambda e: _param(e["loc"], model).count("."))
+        param = _param(item["loc"], model)
         if prefix:
             param = prefix if param == "body" else f"{prefix}.{param}"
         if item["type"] == "extra_forbidden":
@@ -233,15 +257,45 @@ def unknown_hint(model: type[_Body], param: str) -> str | None:
     return f"did you mean {close[0]}?" if close else None
 
 
-def _param(loc: Sequence[str | int]) -> str:
-    """A pydantic location as OpenAI writes a parameter: ``messages[0].content``."""
-    text = ""
+def _param(loc: Sequence[str | int], model: type[BaseModel] | None = None) -> str:
+    """A pydantic location as OpenAI writes a parameter: ``messages[0].content``. Union branch
+    names are left out, and so is the tag of a discriminated union (``response_format``'s
+    ``json_schema``), which ``model``'s fields tell apart from a field of the same name."""
+    text, current, tagged = "", model, False
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
+        elif tagged:  # the discriminator's value: which member the rest of the path is in
+            tagged, current = False, _member(current, part)
         elif not part.startswith(("str", "list[", "function-")):  # union branch names, not fields
             text += f".{part}" if text else part
+            field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+            tagged = field is not None and field.discriminator is not None
+            current = field.annotation if tagged else _model_in(field.annotation) if field is not None else None
     return text or "body"
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (through unions, optionals and lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        return [model for arg in typing.get_args(annotation) for model in _models(arg)]
+    return []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    models = _models(annotation)
+    return models[0] if len(models) == 1 else None
+
+
+def _member(union: Any, tag: str) -> type[BaseModel] | None:
+    """The member of a discriminated union whose ``type`` is ``tag``."""
+    for model in _models(union):
+        field = model.model_fields.get("type")
+        if field is not None and tag in typing.get_args(field.annotation):
+            return model
+    return None
 
 
 def refuse_unsupported(request: _Request) -> None:

@@ -18,12 +18,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llm_worker.engine import Completion, Delta, EngineError
 from llm_worker.openai.errors import OpenAIError, renamed
 from llm_worker.openai.prepare import prepare
-from llm_worker.openai.requests import CHAT, Function, _Body, parse_body
+from llm_worker.openai.requests import CHAT, Function, _Body, parse_body, text_parts_only
 from llm_worker.openai.responses import FINISH_REASONS
 from llm_worker.openai.streams import AnswerStream
 from llm_worker.openai.tool_calls import parse_calls
@@ -52,6 +52,11 @@ class MessageItem(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[InputText]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        return text_parts_only(content, ("input_text", "output_text"))
 
 
 class FunctionCallItem(_Item):
