@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 import logging
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from conftest import ROOT, job, uncached
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llm_worker.model.loading import cpu_auto_dtype, fix_special_tokens, load_model, resolve_dtype
+from llm_worker.model import cuda_host
+from llm_worker.model.loading import cpu_auto_dtype, fix_special_tokens, load_model, resolve_device, resolve_dtype
 from llm_worker.settings import Settings
 from model_cache import is_complete_model_dir, prepare_default_model
 
@@ -165,28 +165,30 @@ def test_an_uncached_hub_model_offline_says_where_it_looked_and_how_to_get_it(tm
     assert f"failed with error: the model failed to load: {reason}" in output  # the job's answer
 
 
-def test_a_gpu_this_torch_cannot_use_fails_the_start_naming_both_versions(tmp_path):
+def test_a_gpu_this_torch_cannot_use_fails_the_start_naming_both_versions(tmp_path, monkeypatch):
     """A host whose NVIDIA driver is older than the CUDA this torch was built for: ``DEVICE=auto``
     refuses to start, naming both versions, instead of answering on the CPU. The driver here is a
-    stand-in ``libcuda.so.1`` with the real entry point (``cuDriverGetVersion``), found as the
+    stand-in ``libcuda.so.1`` with the real entry point (``cuDriverGetVersion``), loaded as the
     container's would be; torch says which CUDA it was built for."""
-    def driver(version: int) -> Path:
+    def driver(version: int) -> str:
         folder = tmp_path / str(version)
         folder.mkdir(exist_ok=True)
         (folder / "libcuda.c").write_text(f"int cuDriverGetVersion(int *version) {{ *version = {version}; return 0; }}\n")
         subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(folder / "libcuda.c")], check=True)
-        return folder
+        return str(folder / "libcuda.so.1")
 
-    def start(built: str | None, library: Path | None) -> subprocess.CompletedProcess:
-        script = (f"import torch\ntorch.version.cuda = {built!r}\n"
-                  "from llm_worker.model.loading import resolve_device\nprint(resolve_device('auto'), resolve_device('cpu'))\n")
-        env = {**os.environ, "LD_LIBRARY_PATH": str(library or tmp_path)}
-        return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    def start(built: str | None, library: str) -> str:
+        monkeypatch.setattr(torch.version, "cuda", built)
+        monkeypatch.setattr(cuda_host, "LIBCUDA", (library,))
+        try:
+            return f"{resolve_device('auto')} {resolve_device('cpu')}"
+        except RuntimeError as err:
+            return str(err)
 
     old = start("13.0", driver(12040))
-    assert old.returncode == 1 and "built for CUDA 13.0, and the host's NVIDIA driver supports CUDA 12.4 at most" in old.stderr
-    assert "tag -cu128" in old.stderr and "DEVICE=cpu" in old.stderr
+    assert "built for CUDA 13.0, and the host's NVIDIA driver supports CUDA 12.4 at most" in old
+    assert "tag -cu128" in old and "DEVICE=cpu" in old
     same = start("13.0", driver(13000))  # a driver that would do, and still no GPU for this torch: its own reason is told
-    assert same.returncode == 1 and "driver (CUDA 13.0) is there, but this torch (built for CUDA 13.0) cannot use a GPU: " in same.stderr
-    assert start("13.0", None).stdout.split() == ["cpu", "cpu"]  # no driver: a machine without a GPU
-    assert start(None, driver(12040)).stdout.split() == ["cpu", "cpu"]  # a CPU build of torch: the CPU image, on purpose
+    assert "driver (CUDA 13.0) is there, but this torch (built for CUDA 13.0) cannot use a GPU: " in same
+    assert start("13.0", str(tmp_path / "absent" / "libcuda.so.1")) == "cpu cpu"  # no driver: a machine without a GPU
+    assert start(None, driver(12040)) == "cpu cpu"  # a CPU build of torch: the CPU image, on purpose
