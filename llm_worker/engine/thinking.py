@@ -38,7 +38,6 @@ class BudgetState:
         self.spent = 0  # tokens inside the thinking
         self.forced = 0  # close tokens written so far
         self.searched = 0  # how far the text was searched for the model's own close
-        self.forced_close = False  # the engine closed the thinking
 
     @property
     def live(self) -> bool:
@@ -67,7 +66,7 @@ class BudgetState:
             return
         self.spent += 1
         if not self._closed(text) and self.spent >= self.budget.tokens:
-            self.phase, self.forced_close = "closing", True
+            self.phase = "closing"
 
     def _closed(self, text: str) -> bool:
         """Whether the model closed its thinking in ``text`` past what was searched (then done)."""

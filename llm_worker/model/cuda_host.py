@@ -27,10 +27,10 @@ def driver_cuda_version() -> tuple[int, int] | None:
     return None
 
 
-def unusable_gpu(built: str | None, driver: tuple[int, int] | None, available: bool, reason: str = "") -> str | None:
-    """Why the worker must not start on the CPU: a driver is there, and this torch (built for CUDA
-    ``built``; None: a CPU build) cannot use it. None when CUDA works, or when there is no GPU."""
-    if available or built is None or driver is None:
+def unusable_gpu(built: str, driver: tuple[int, int] | None, reason: str = "") -> str | None:
+    """Why the worker must not start on the CPU, when this torch (built for CUDA ``built``) cannot
+    use CUDA: a driver is there. None where there is no driver (no GPU)."""
+    if driver is None:
         return None
     have = f"{driver[0]}.{driver[1]}"
     if driver[0] < int(built.split(".")[0]):  # within a major version, CUDA's minor version compatibility runs newer builds
@@ -48,9 +48,8 @@ def unusable_gpu(built: str | None, driver: tuple[int, int] | None, available: b
 
 def check_gpu_usable() -> None:
     """``DEVICE=auto`` on a host with a GPU this torch cannot use: a start that fails, never a CPU worker."""
-    available = torch.cuda.is_available()
     built = torch.version.cuda
-    if available or built is None:
+    if built is None or torch.cuda.is_available():  # a CPU build of torch, or CUDA works
         return
     driver = driver_cuda_version()
     reason = ""
@@ -59,6 +58,6 @@ def check_gpu_usable() -> None:
             torch.cuda.init()
         except Exception as err:  # torch's own words for it
             reason = " ".join(str(err).split())[:300]
-    problem = unusable_gpu(built, driver, available, reason)
+    problem = unusable_gpu(built, driver, reason)
     if problem:
         raise RuntimeError(problem)
